@@ -6,7 +6,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
+from typing import Literal
 
+from ctd.corpora import SampleBy, Split
 from ctd.errors import CtdError
 
 
@@ -23,7 +26,67 @@ def zoo() -> None:
     console().print(table(["name", "installed", "cached", "vocab", "what", "install"], rows))
 
 
-VERBS = {"zoo": zoo}
+def eval(  # noqa: A001 - the verb is `ctd eval`
+    model: str = "smollm2-135m",
+    tokenizer: str | None = None,
+    corpus: str = "wiki-en",
+    split: Split = "validation",
+    window: int = 1024,
+    max_bytes: int | None = None,
+    batch_size: int = 8,
+    dtype: Literal["float32", "bfloat16"] = "float32",
+    text_field: str = "text",
+    sample_by: SampleBy = "paragraph",
+    json: Path | None = None,
+) -> None:
+    """Bits per byte of a model on a corpus split (comparable across tokenizers).
+
+    Args:
+        model: zoo name, local HF directory, .gguf file or hub id.
+        tokenizer: defaults to the model's own.
+        corpus: zoo corpus (wiki-en, gsm-symbolic) or a local .txt/.json/.jsonl/.parquet file.
+        split: train, validation, test or all.
+        window: tokens per scored window (at most the model's context).
+        max_bytes: score only the first this many bytes of the split.
+        json: also write the result here.
+    """
+    import torch
+
+    from ctd.corpora import load_texts
+    from ctd.evaluate import bits_per_byte
+    from ctd.io import write_json
+    from ctd.report import console, table
+    from ctd.zoo import load_model, load_tokenizer
+
+    texts = load_texts(corpus, split, max_bytes, text_field, sample_by)
+    tok = load_tokenizer(tokenizer or model)
+    lm = load_model(model, dtype=getattr(torch, dtype))
+    result = bits_per_byte(lm, tok, texts, window=window, batch_size=batch_size).as_dict()
+    result.update(model=model, tokenizer=tokenizer or model, corpus=corpus, split=split,
+                  window=window, dtype=dtype, threads=torch.get_num_threads())
+    keys = ["bpb", "tokens_per_byte", "documents", "bytes", "tokens", "skipped_documents",
+            "bytes_per_second", "seconds"]
+    console().print(table(["model", *keys], [[model, *(result[k] for k in keys)]],
+                          title=f"{corpus}/{split}"))
+    if result["skipped_documents"]:
+        console().print(f"[yellow]{result['skipped_documents']} documents were skipped: the "
+                        "tokenizer cannot reproduce them byte-exactly[/yellow]")
+    if json is not None:
+        write_json(json, result)
+
+
+VERBS = {"zoo": zoo, "eval": eval}
+
+
+def _underscored(argv: list[str]) -> list[str]:
+    """Accept `--max-bytes` as well as jsonargparse's `--max_bytes`."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--") and len(arg) > 2:
+            name, eq, value = arg[2:].partition("=")
+            arg = "--" + name.replace("-", "_") + eq + value
+        out.append(arg)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        auto_cli(VERBS, args=argv, as_positional=False)
+        auto_cli(VERBS, args=_underscored(sys.argv[1:] if argv is None else argv),
+                 as_positional=False)
     except CtdError as e:
         print(f"ctd: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,0 +1,122 @@
+"""Tokenizer-independent yardsticks: bits per byte (and, for recipes, answer accuracy).
+
+bpb = (sum of token NLL in nats) / ln 2 / (UTF-8 bytes of the scored text). Per-token perplexity
+cannot compare two tokenizers; bpb can, because every model is charged for the same bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from ctd.errors import CtdError
+from ctd.report import progress as progress_bar
+from ctd.tokens import doc_start_id, encode
+from ctd.zoo import model_context
+
+# Logits are materialised per batch: keep batch_tokens * vocab under this many fp32 elements.
+_LOGIT_BUDGET = 1 << 28
+
+
+@dataclass
+class Bpb:
+    bpb: float
+    nll_nats: float
+    bytes: int
+    tokens: int
+    documents: int
+    windows: int
+    skipped_documents: int  # the tokenizer could not reproduce them byte-exactly
+    normalised_documents: int  # changed by the tokenizer's own normalisation (e.g. NFC)
+    seconds: float
+
+    @property
+    def tokens_per_byte(self) -> float:
+        return self.tokens / max(self.bytes, 1)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["tokens_per_byte"] = self.tokens_per_byte
+        d["bytes_per_second"] = self.bytes / max(self.seconds, 1e-9)
+        d["tokens_per_second"] = self.tokens / max(self.seconds, 1e-9)
+        return d
+
+
+def windows(ids: np.ndarray, start: int, window: int) -> list[np.ndarray]:
+    """Cut a document's tokens into windows of at most `window` tokens, each starting with the
+    document-start token (whose own prediction is never scored)."""
+    step = window - 1
+    return [np.concatenate([[start], ids[i : i + step]]) for i in range(0, len(ids), step)]
+
+
+@torch.no_grad()
+def window_nll(model, batch: list[np.ndarray], pad_id: int) -> torch.Tensor:
+    """Summed NLL (nats, fp64) of tokens 1.. of each window; position 0 is context only."""
+    device = next(model.parameters()).device
+    width = max(len(w) for w in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, w in enumerate(batch):
+        ids[row, : len(w)] = torch.from_numpy(w)
+        mask[row, : len(w)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    nll = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), ids[:, 1:], reduction="none"
+    )
+    return (nll * mask[:, 1:]).double().sum(dim=1).cpu()
+
+
+def bits_per_byte(
+    model,
+    tokenizer,
+    texts: list[str],
+    window: int = 1024,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> Bpb:
+    """Score `texts` with `model` read through `tokenizer`; bytes are counted on the texts."""
+    if window < 2:
+        raise CtdError(f"window {window} is too small; use at least 2 tokens")
+    context = model_context(model)
+    if window > context:
+        raise CtdError(f"window {window} is larger than the model's context ({context}); "
+                       f"pass --window {context} or less")
+    if not texts:
+        raise CtdError("nothing to score: the text list is empty")
+    start = doc_start_id(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
+    t0 = time.perf_counter()
+    work: list[np.ndarray] = []
+    n_bytes = n_tokens = skipped = normalised = 0
+    for text in texts:
+        try:
+            (enc,) = encode(tokenizer, [text])
+        except CtdError:
+            skipped += 1
+            continue
+        normalised += int(enc.lengths.sum()) != len(text.encode())
+        n_bytes += len(text.encode())
+        n_tokens += len(enc.ids)
+        work.extend(windows(enc.ids, start, window))
+    if not work:
+        raise CtdError("no document could be tokenized byte-exactly; nothing was scored")
+    order = sorted(range(len(work)), key=lambda i: -len(work[i]))  # similar lengths together
+    per_batch = max(1, min(batch_size, _LOGIT_BUDGET // (window * len(tokenizer))))
+    total = 0.0
+    model.eval()
+    with progress_bar(disable=not progress, transient=True) as bar:
+        task = bar.add_task("bpb", total=len(work), info="")
+        for i in range(0, len(order), per_batch):
+            batch = [work[j] for j in order[i : i + per_batch]]
+            total += float(window_nll(model, batch, pad).sum())
+            bar.update(task, advance=len(batch), info=f"{sum(len(w) for w in batch)} tokens")
+    return Bpb(
+        bpb=total / math.log(2) / n_bytes, nll_nats=total, bytes=n_bytes, tokens=n_tokens,
+        documents=len(texts) - skipped, windows=len(work), skipped_documents=skipped,
+        normalised_documents=normalised, seconds=time.perf_counter() - t0,
+    )
