@@ -26,12 +26,12 @@ def zoo() -> None:
     console().print(table(["name", "installed", "cached", "vocab", "what", "install"], rows))
 
 
-def eval(  # noqa: A001 - the verb is `ctd eval`
+def evaluate(
     model: str = "smollm2-135m",
     tokenizer: str | None = None,
     corpus: str = "wiki-en",
     split: Split = "validation",
-    window: int = 1024,
+    window: int | None = None,
     max_bytes: int | None = None,
     batch_size: int = 8,
     dtype: Literal["float32", "bfloat16"] = "float32",
@@ -46,7 +46,7 @@ def eval(  # noqa: A001 - the verb is `ctd eval`
         tokenizer: defaults to the model's own.
         corpus: zoo corpus (wiki-en, gsm-symbolic) or a local .txt/.json/.jsonl/.parquet file.
         split: train, validation, test or all.
-        window: tokens per scored window (at most the model's context).
+        window: tokens per scored window (default min(1024, the model's context)).
         max_bytes: score only the first this many bytes of the split.
         json: also write the result here.
     """
@@ -75,7 +75,7 @@ def eval(  # noqa: A001 - the verb is `ctd eval`
         write_json(json, result)
 
 
-VERBS = {"zoo": zoo, "eval": eval}
+VERBS = {"zoo": zoo, "eval": evaluate}
 
 
 def _underscored(argv: list[str]) -> list[str]:

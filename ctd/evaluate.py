@@ -75,14 +75,18 @@ def bits_per_byte(
     model,
     tokenizer,
     texts: list[str],
-    window: int = 1024,
+    window: int | None = None,
     batch_size: int = 8,
     progress: bool = True,
 ) -> Bpb:
-    """Score `texts` with `model` read through `tokenizer`; bytes are counted on the texts."""
+    """Score `texts` with `model` read through `tokenizer`; bytes are counted on the texts.
+
+    `window` defaults to min(1024, the model's context); a larger explicit one is refused.
+    """
+    context = model_context(model)
+    window = min(1024, context) if window is None else window
     if window < 2:
         raise CtdError(f"window {window} is too small; use at least 2 tokens")
-    context = model_context(model)
     if window > context:
         raise CtdError(f"window {window} is larger than the model's context ({context}); "
                        f"pass --window {context} or less")

@@ -41,7 +41,7 @@ def byte_decoder() -> dict[str, int]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
+    return {chr(c): b for b, c in zip(bs, cs, strict=False)}
 
 
 def _types(node: dict | None) -> list[dict]:
@@ -79,7 +79,7 @@ class ByteVocab:
         return unicodedata.normalize("NFC", text) if self.nfc else text
 
 
-_CACHE: "weakref.WeakKeyDictionary[object, ByteVocab]" = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary[object, ByteVocab] = weakref.WeakKeyDictionary()
 
 
 def byte_vocab(tokenizer) -> ByteVocab:
@@ -120,7 +120,7 @@ def _build(tokenizer) -> ByteVocab:
 
     vocab = backend.get_vocab(with_added_tokens=True)
     size = max(len(tokenizer), max(vocab.values()) + 1)
-    added = {i: t for i, t in backend.get_added_tokens_decoder().items()}
+    added = dict(backend.get_added_tokens_decoder().items())
     decoder = byte_decoder()
     pieces: list[bytes] = [b""] * size
     special = np.zeros(size, dtype=bool)
@@ -173,7 +173,7 @@ def encode(tokenizer, texts: list[str]) -> list[Encoded]:
     # split_special_tokens: a literal "<bos>" in a corpus is text, not a control token.
     batch = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     out = []
-    for text, ids in zip(texts, batch):
+    for text, ids in zip(texts, batch, strict=False):
         ids = np.asarray(ids, dtype=np.int64)
         lengths = vocab.lengths[ids].copy()
         joined = b"".join([vocab.pieces[i] for i in ids])
