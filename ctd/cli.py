@@ -10,7 +10,10 @@ from pathlib import Path
 from typing import Literal
 
 from ctd.corpora import SampleBy, Split
+from ctd.data import DataConfig
 from ctd.errors import CtdError
+from ctd.losses.combine import LossSpec
+from ctd.train import ModelsConfig, OptimConfig, TrainConfig
 
 
 def zoo() -> None:
@@ -75,7 +78,44 @@ def evaluate(
         write_json(json, result)
 
 
-VERBS = {"zoo": zoo, "eval": evaluate}
+def distill(
+    models: ModelsConfig,
+    data: DataConfig,
+    losses: list[LossSpec],
+    optim: OptimConfig,
+    train: TrainConfig,
+    out: Path,
+    balance: Literal["fixed", "grad_norm"] = "fixed",
+    resume: bool = False,
+) -> None:
+    """Distill a teacher into a student (ALM across tokenizers, CLM, ...) with Lightning.
+
+    `ctd distill --config configs/heal-smoke.yaml --train.max_steps 20`: a recipe YAML with
+    command-line overrides. Checkpoints, logs, config.json and the exported HF model go under
+    `out`, which is never deleted; `--resume true` continues its last checkpoint.
+
+    Args:
+        models: teacher, student, their tokenizers, what of the student trains.
+        data: corpus, batch size, max length, shuffling seed.
+        losses: the objective's terms, e.g. [{name: alm}, {name: clm}].
+        optim: AdamW learning rate, warmup and decay.
+        train: steps, accumulation, precision, strategy, cadence of checkpoints/validation.
+        out: run directory.
+        balance: fixed weights, or grad_norm balance of the terms.
+        resume: continue the run in `out` (same config) from its last checkpoint.
+    """
+    from ctd.report import console
+    from ctd.train import distill as run
+
+    summary = run(models, data, losses, balance, optim, train, out, resume)
+    if summary["interrupted"]:
+        console().print(f"interrupted at step {summary['steps']}; checkpoint saved to "
+                        f"{summary['checkpoint']}; continue with --resume true")
+        sys.exit(130)
+    console().print(f"trained {summary['steps']} steps; model exported to {summary['export']}")
+
+
+VERBS = {"zoo": zoo, "eval": evaluate, "distill": distill}
 
 
 def _underscored(argv: list[str]) -> list[str]:

@@ -1,0 +1,77 @@
+"""How training is spread over devices: one process, DDP, or DeepSpeed ZeRO via Lightning.
+
+DeepSpeed settings live in configs/deepspeed/*.json (stage 2 or 3, optional CPU offload of the
+optimizer and parameters); Lightning fills the micro-batch size, accumulation, clipping and
+precision into them. Lightning's DeepSpeedStrategy runs only on CUDA; tests use a CPU subclass
+(tests/test_strategies.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
+
+from ctd.errors import CtdError
+
+StrategyName = Literal["auto", "ddp", "deepspeed"]
+
+
+def deepspeed_config(path: Path) -> dict:
+    """Read and validate a DeepSpeed JSON the way Lightning will use it."""
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CtdError(f"cannot read DeepSpeed config {path}: {e}") from e
+    if "gradient_accumulation_steps" in config:
+        raise CtdError(f"{path}: remove gradient_accumulation_steps; set train.accumulate instead")
+    stage = config.get("zero_optimization", {}).get("stage")
+    if stage not in (0, 1, 2, 3):
+        raise CtdError(f"{path}: zero_optimization.stage must be 0-3, got {stage!r}")
+    return config
+
+
+def make_strategy(name: StrategyName, config: Path | None = None) -> Strategy | str:
+    """A Lightning strategy by name; `config` is the DeepSpeed JSON for "deepspeed"."""
+    if name == "deepspeed":
+        if config is None:
+            raise CtdError("strategy deepspeed needs train.deepspeed_config (configs/deepspeed/)")
+        return DeepSpeedStrategy(config=deepspeed_config(config))
+    if name == "ddp":
+        return DDPStrategy(process_group_backend=None if torch.cuda.is_available() else "gloo")
+    return "auto"
+
+
+def zero_stage(strategy: Strategy) -> int | None:
+    """The ZeRO stage of a DeepSpeed strategy, None for anything else."""
+    if isinstance(strategy, DeepSpeedStrategy):
+        return int(strategy.config.get("zero_optimization", {}).get("stage", 0))
+    return None
+
+
+def optimizer_class(strategy: Strategy) -> type[torch.optim.Optimizer]:
+    """AdamW; DeepSpeed's CPU Adam when DeepSpeed offloads the optimizer (it must, there).
+    Never DeepSpeedCPUAdam without DeepSpeed: Lightning's wrapper frees its C++ state."""
+    if isinstance(strategy, DeepSpeedStrategy):
+        offload = strategy.config.get("zero_optimization", {}).get("offload_optimizer") or {}
+        if offload.get("device", "none") != "none":
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam
+    return torch.optim.AdamW
+
+
+def loss_scale(trainer) -> float:
+    """What a micro-batch loss is multiplied by so that the summed gradient of a step is that of
+    one big batch. Losses arrive already divided by global counts (ctd.data), i.e. as shares of
+    a SUM; Lightning divides each micro-batch loss by the accumulation steps, DDP and ZeRO
+    average gradients over ranks, and DeepSpeed's engine divides by the accumulation steps once
+    more (`scale_wrt_gas`)."""
+    accumulate = trainer.accumulate_grad_batches
+    scale = accumulate * trainer.world_size
+    if isinstance(trainer.strategy, DeepSpeedStrategy):
+        scale *= accumulate
+    return float(scale)
