@@ -1,0 +1,99 @@
+"""Per-token quantities from hidden states without ever holding [B, T, V] logits.
+
+Every loss here needs only a few numbers per position (the target token's log-prob, the
+probability that the next token starts a word, a sorted or gathered slice of the distribution).
+They are computed over chunks of positions; on the student side each chunk is checkpointed, so
+its logits are recomputed in backward instead of kept (Gemma's V = 262,144 makes one fp32
+[4, 512, V] tensor 2 GiB).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from ctd.tokens import byte_vocab
+
+ROW_ELEMENTS = 1 << 25  # logits elements per chunk of positions (128 MiB in fp32)
+
+
+def output_head(model) -> Callable[[Tensor], Tensor]:
+    """hidden [.., H] -> logits [.., V]: the LM head plus final logit soft-capping (Gemma-2)."""
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if not cap:
+        return head
+    return lambda h: torch.tanh(head(h) / cap) * cap
+
+
+def hidden_states(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Last hidden state [B, T, H] from the decoder alone (no logits); works through peft."""
+    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state
+
+
+def word_start_mask(tokenizer) -> Tensor:
+    """Bool [V]: tokens that start a new word (leading space/tab/newline) or are special."""
+    return torch.from_numpy(byte_vocab(tokenizer).starts_word.copy())
+
+
+def chunk_rows(vocab_size: int) -> int:
+    """Positions per chunk so that one chunk's fp32 logits stay near ROW_ELEMENTS."""
+    return max(8, ROW_ELEMENTS // max(vocab_size, 1))
+
+
+def map_rows(fn: Callable[..., Tensor], *rows: Tensor, chunk: int) -> Tensor:
+    """fn over chunks of rows (all inputs share dim 0), concatenated. Checkpointed when a
+    gradient is needed, so fn's [chunk, V] intermediates are never kept for backward."""
+    grad = torch.is_grad_enabled() and any(r.requires_grad for r in rows)
+    outs = []
+    for i in range(0, rows[0].shape[0], chunk):
+        part = [r[i : i + chunk] for r in rows]
+        outs.append(checkpoint(fn, *part, use_reentrant=False) if grad else fn(*part))
+    if not outs:
+        return fn(*rows)
+    return torch.cat(outs)
+
+
+def upcast(x: Tensor) -> Tensor:
+    """fp16/bf16 logits to fp32 for the softmax math; fp32/fp64 unchanged."""
+    return x.float() if x.element_size() < 4 else x
+
+
+def _fit(mask: Tensor, size: int) -> Tensor:
+    """A tokenizer mask padded (False) to the model's vocabulary, which may be larger."""
+    return F.pad(mask, (0, size - mask.numel())) if mask.numel() < size else mask[:size]
+
+
+def token_logprobs(
+    hidden: Tensor,
+    head: Callable[[Tensor], Tensor],
+    input_ids: Tensor,
+    word_mask: Tensor | None = None,
+    chunk: int = 256,
+) -> tuple[Tensor, Tensor | None]:
+    """Target log-probs and word-boundary log-probs, both [B, T] (at least fp32).
+
+    lp[:, i] = log p(x_i | x_<i) (0 at i = 0, which nothing predicts);
+    boundary[:, i] = log sum_{v in word_mask} p(v | x_<=i) (None without a mask).
+    """
+    b, t, h = hidden.shape
+    nxt = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1).reshape(-1, 1)
+    mask = word_mask.to(hidden.device) if word_mask is not None else None
+
+    def rows(hs: Tensor, target: Tensor) -> Tensor:
+        logits = upcast(head(hs))
+        lse = logits.logsumexp(-1)
+        out = [logits.gather(1, target).squeeze(1) - lse]
+        if mask is not None:
+            words = _fit(mask, logits.shape[-1])
+            out.append(logits.masked_fill(~words, float("-inf")).logsumexp(-1) - lse)
+        return torch.stack(out, dim=1)
+
+    stats = map_rows(rows, hidden.reshape(-1, h), nxt, chunk=chunk).view(b, t, -1)
+    lp = F.pad(stats[:, :-1, 0], (1, 0))
+    return lp, (stats[..., 1] if mask is not None else None)
