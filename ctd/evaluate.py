@@ -7,6 +7,7 @@ cannot compare two tokenizers; bpb can, because every model is charged for the s
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import asdict, dataclass
 
@@ -124,3 +125,85 @@ def bits_per_byte(
         documents=len(texts) - skipped, windows=len(work), skipped_documents=skipped,
         normalised_documents=normalised, seconds=time.perf_counter() - t0,
     )
+
+
+@torch.no_grad()
+def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256,
+                    batch_size: int = 16, stop: tuple[str, ...] = (), progress: bool = True
+                    ) -> list[str]:
+    """Greedy continuations of `prompts` (left-padded batches, KV cache).
+
+    Works for any causal LM whose forward takes (input_ids, attention_mask, position_ids,
+    cache, use_cache) and returns `.logits`/`.cache` (transformers 5), so single models and
+    `ctd.ensemble.Ensemble` share it. Generation of a row ends at EOS or at any `stop` string.
+    """
+    device = next(model.parameters()).device
+    start = doc_start_id(tokenizer)
+    eos = {t for t in (tokenizer.eos_token_id, start) if t is not None}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
+    outputs: list[str] = [""] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    with progress_bar(disable=not progress, transient=True) as bar:
+        task = bar.add_task("generate", total=len(prompts), info="")
+        for b in range(0, len(order), batch_size):
+            rows = order[b : b + batch_size]
+            encs = [[start, *e.ids.tolist()] for e in encode(tokenizer, [prompts[i] for i in rows])]
+            width = max(len(e) for e in encs)
+            ids = torch.tensor([[pad] * (width - len(e)) + e for e in encs], device=device)
+            mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encs], device=device)
+            new = torch.empty(len(rows), 0, dtype=torch.long, device=device)
+            done = torch.zeros(len(rows), dtype=torch.bool, device=device)
+            past, step_ids = None, ids
+            for _ in range(max_new_tokens):
+                pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
+                out = model(input_ids=step_ids, attention_mask=mask, position_ids=pos,
+                            cache=past, use_cache=True)
+                past = out.cache
+                nxt = out.logits[:, -1].argmax(-1)
+                nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+                new = torch.cat([new, nxt[:, None]], dim=1)
+                done |= torch.isin(nxt, torch.tensor(sorted(eos), device=device))
+                if stop and new.shape[1] % 8 == 0:
+                    texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+                    done |= torch.tensor([any(s in t for s in stop) for t in texts], device=device)
+                if bool(done.all()):
+                    break
+                step_ids = nxt[:, None]
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            for i, text in zip(rows, tokenizer.batch_decode(new, skip_special_tokens=True)):
+                cut = min((text.find(s) for s in stop if s in text), default=-1)
+                outputs[i] = text if cut < 0 else text[:cut]
+            bar.update(task, advance=len(rows))
+    return outputs
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def extract_answer(text: str) -> str | None:
+    """The number after `####` (GSM8K's answer marker), else the last number in the text."""
+    tail = text.split("####", 1)[1] if "####" in text else text
+    numbers = _NUMBER.findall(tail)
+    if not numbers:
+        return None
+    value = (numbers[0] if "####" in text else numbers[-1]).replace(",", "")
+    return value[:-2] if value.endswith(".0") else value
+
+
+def gsm_accuracy(model, tokenizer, rows: list[dict], shots: list[dict] = (),
+                 max_new_tokens: int = 256, batch_size: int = 16, progress: bool = True) -> dict:
+    """Exact-match accuracy of greedy answers on gsm-symbolic rows (question/solution/answer).
+
+    `shots` are worked examples put before each question (the same for every model compared).
+    """
+    from ctd.corpora import gsm_prompt
+
+    prefix = "".join(gsm_prompt(s["question"]) + s["solution"] + "\n\n" for s in shots)
+    prompts = [prefix + gsm_prompt(r["question"]) for r in rows]
+    texts = greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size,
+                            stop=("\n\nQuestion:", "Question:"), progress=progress)
+    answers = [extract_answer(t) for t in texts]
+    correct = [a == str(r["answer"]) for a, r in zip(answers, rows)]
+    return {"accuracy": sum(correct) / len(rows), "correct": sum(correct), "n": len(rows),
+            "examples": [{"question": r["question"][:200], "generated": t[-300:], "answer": r["answer"],
+                          "predicted": a} for r, t, a in list(zip(rows, texts, answers))[:5]]}
