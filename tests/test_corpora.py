@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +69,11 @@ def _split_of(text: str) -> str:
     from ctd.corpora import _hash_split
 
     return _hash_split(text)
+
+
+@pytest.mark.skipif(not Path("/usr/share/doc/python3.11/html/_sources").is_dir(),
+                    reason="python3.11-doc is not installed (apt-get install python3.11-doc)")
+def test_python_docs_is_a_second_domain_split_by_file():
+    test = load_corpus("python-docs", "test")
+    train_files = set(load_corpus("python-docs", "train")["title"])
+    assert len(test) > 100 and not set(test["title"]) & train_files
