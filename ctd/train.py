@@ -381,7 +381,9 @@ def distill(models: ModelsConfig, data: DataConfig, losses: list[LossSpec], bala
         callbacks=[*callbacks, TokensPerSecond(), ckpts], enable_checkpointing=False,
         enable_progress_bar=train.progress, default_root_dir=out,
     )
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpts.last if resume else None)
+    # Our own checkpoint (it holds numpy RNG state, which weights_only loading rejects).
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpts.last if resume else None,
+                weights_only=False)
     summary = {"steps": trainer.global_step, "interrupted": ckpts.interrupted,
                "checkpoint": str(ckpts.last), "export": None}
     if not ckpts.interrupted:

@@ -1,0 +1,157 @@
+"""The distillation trainer end to end on tiny models over REAL, different tokenizers:
+loss goes down, export reloads, resume is exact, bad input is refused in one line."""
+
+from __future__ import annotations
+
+import random
+import signal
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from transformers import AutoModelForCausalLM
+
+from ctd.cli import main
+from ctd.data import DataConfig, DistillData
+from ctd.errors import CtdError
+from ctd.losses.combine import DistillObjective, LossSpec
+from ctd.losses.logprobs import hidden_states, output_head
+from ctd.train import ModelsConfig, OptimConfig, TrainConfig, distill
+from tests.tiny import tiny_model
+
+WORDS = ("the cat sat on a mat while dogs ran quickly over green hills and wide rivers under "
+         "bright skies; naïve café owners counted 12 apples").split()
+
+
+@pytest.fixture(scope="module")
+def zoo_dir(tmp_path_factory, smol_tok, qwen_tok) -> Path:
+    """Tiny teacher (Qwen tokenizer), tiny student (SmolLM2 tokenizer), a small corpus."""
+    root = tmp_path_factory.mktemp("tiny")
+    for name, tok, arch, seed in [("teacher", qwen_tok, "qwen2", 1), ("student", smol_tok,
+                                                                      "llama", 2)]:
+        tiny_model(tok, arch, seed=seed).save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 40))) for _ in range(300)]
+    (root / "corpus.txt").write_text("\n\n".join(docs))
+    return root
+
+
+def configs(root: Path, **train) -> dict:
+    return {
+        "models": ModelsConfig(teacher=str(root / "teacher"), student=str(root / "student")),
+        "data": DataConfig(corpus=str(root / "corpus.txt"), max_length=48, batch_size=4,
+                        val_documents=8, val_batch_size=8),
+        "losses": [LossSpec("alm"), LossSpec("clm", weight=0.1)], "balance": "fixed",
+        "optim": OptimConfig(lr=3e-3, warmup_steps=1),
+        "train": TrainConfig(**{"max_steps": 4, "val_every": 0, "checkpoint_every": 100,
+                             "progress": False, **train}),
+    }
+
+
+class Record(pl.Callback):
+    """Per optimizer step: the logged loss parts; optionally raises SIGINT after a step."""
+
+    def __init__(self, interrupt_at: int | None = None):
+        self.steps: list[dict] = []
+        self.interrupt_at = interrupt_at
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        m = trainer.callback_metrics
+        self.steps.append({k: float(v) for k, v in m.items() if k.startswith("train/")})
+        if trainer.global_step == self.interrupt_at:
+            signal.raise_signal(signal.SIGINT)
+
+
+def test_alm_goes_down_and_export_reloads(zoo_dir, tmp_path):
+    rec = Record()
+    cfg = configs(zoo_dir, max_steps=10, val_every=5)
+    cfg["losses"] = [LossSpec("alm")]
+    cfg["data"].max_documents = 8  # two batches, seen again and again: learnable
+    cfg["data"].batch_size = 4
+    summary = distill(**cfg, out=tmp_path / "run", callbacks=(rec,))
+    alm = [s["train/alm"] for s in rec.steps]
+    assert summary["steps"] == 10 and not summary["interrupted"]
+    assert sum(alm[-2:]) < 0.7 * sum(alm[:2]), alm
+    model = AutoModelForCausalLM.from_pretrained(summary["export"])
+    assert model.config.vocab_size == tiny_model_vocab(zoo_dir)
+    assert (tmp_path / "run" / "config.json").exists()
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+    metrics = next((tmp_path / "run" / "logs").glob("*/metrics.csv")).read_text()
+    for key in ("val/bpb", "val/teacher_bpb", "tokens_per_s", "train/chunks"):
+        assert key in metrics
+
+
+def tiny_model_vocab(root: Path) -> int:
+    return AutoModelForCausalLM.from_pretrained(root / "student").config.vocab_size
+
+
+def test_identical_teacher_and_student_give_zero_alm(zoo_dir, smol_tok):
+    cfg = DataConfig(corpus=str(zoo_dir / "corpus.txt"), max_length=48, batch_size=4,
+                     max_documents=8)
+    dm = DistillData(smol_tok, smol_tok, cfg)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    model = AutoModelForCausalLM.from_pretrained(zoo_dir / "student")
+    objective = DistillObjective([LossSpec("alm")], smol_tok, smol_tok)
+    with torch.no_grad():
+        h = hidden_states(model, batch["student_input_ids"], batch["student_attention_mask"])
+        parts = objective(batch, h, output_head(model), h, output_head(model),
+                          int(batch["global_chunks"]), int(batch["global_tokens"]))
+    assert abs(float(parts["alm"])) < 1e-6
+
+
+def test_resume_is_exact(zoo_dir, tmp_path):
+    whole = Record()
+    distill(**configs(zoo_dir), out=tmp_path / "whole", callbacks=(whole,))
+    first = Record(interrupt_at=2)
+    out = tmp_path / "split"
+    summary = distill(**configs(zoo_dir), out=out, callbacks=(first,))
+    assert summary["interrupted"] and summary["steps"] == 2 and summary["export"] is None
+    second = Record()
+    summary = distill(**configs(zoo_dir), out=out, resume=True, callbacks=(second,))
+    assert summary["steps"] == 4 and summary["export"] is not None
+    assert len(first.steps) == 2 and len(second.steps) == 2
+    for a, b in zip(whole.steps, first.steps + second.steps, strict=True):
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (k, whole.steps, first.steps,
+                                                                      second.steps)
+
+
+def test_resume_with_another_config_is_refused(zoo_dir, tmp_path):
+    out = tmp_path / "run"
+    distill(**configs(zoo_dir, max_steps=1), out=out)
+    ckpt = out / "checkpoints" / "last.ckpt"
+    before = ckpt.stat().st_mtime_ns
+    cfg = configs(zoo_dir, max_steps=1)
+    cfg["optim"].lr = 1.0
+    with pytest.raises(CtdError, match="different config.*optim.lr"):
+        distill(**cfg, out=out, resume=True)
+    with pytest.raises(CtdError, match="not empty"):
+        distill(**configs(zoo_dir, max_steps=1), out=out)
+    assert ckpt.stat().st_mtime_ns == before
+
+
+def _cli(args: list[str], capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as e:
+        main(["distill", *args])
+    return e.value.code, capsys.readouterr().err.strip()
+
+
+def test_bad_input_is_one_line_exit_2(zoo_dir, tmp_path, smol_tok, capsys):
+    from tokenizers import normalizers
+
+    base = ["--models.teacher", str(zoo_dir / "teacher"), "--models.student",
+            str(zoo_dir / "student"), "--data.corpus", str(zoo_dir / "corpus.txt"),
+            "--losses", "[{name: alm}]", "--train.max_steps", "1", "--out", str(tmp_path / "o")]
+    code, err = _cli([*base, "--losses", "[{name: nope}]"], capsys)
+    assert code == 2 and "unknown loss 'nope'" in err and "\n" not in err
+    code, err = _cli([*base, "--data.corpus", "no-such-corpus"], capsys)
+    assert code == 2 and "unknown corpus 'no-such-corpus'" in err and "\n" not in err
+    lower = smol_tok.__class__.from_pretrained(zoo_dir / "student")
+    lower.backend_tokenizer.normalizer = normalizers.Lowercase()
+    lower.save_pretrained(tmp_path / "lower")
+    code, err = _cli([*base, "--models.teacher_tokenizer", str(tmp_path / "lower")], capsys)
+    assert code == 2 and "Lowercase" in err and "\n" not in err
+    assert not (tmp_path / "o").exists()
