@@ -66,3 +66,26 @@ class Ensemble(nn.Module):
 
     def get_output_embeddings(self) -> nn.Module:
         return self.members[0].get_output_embeddings()
+
+
+def compare(members: list[str], tokenizer: str, texts: list[str], mode: Mode = "probs",
+            gsm_rows: list[dict] = (), shots: list[dict] = (), max_new_tokens: int = 200
+            ) -> dict[str, dict]:
+    """bpb (and gsm-symbolic accuracy when rows are given) of each member and of the ensemble,
+    all read through the one shared `tokenizer`."""
+    from ctd.evaluate import bits_per_byte, gsm_accuracy
+    from ctd.zoo import load_model, load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    models = {name: load_model(name) for name in members}
+    for name, model in models.items():
+        if model.get_output_embeddings().weight.shape[0] < len(tok):
+            raise CtdError(f"{name} does not use the tokenizer {tokenizer}; transplant it first")
+    models[f"ensemble ({mode})"] = Ensemble(list(models.values()), mode)
+    results = {}
+    for name, model in models.items():
+        results[name] = {"bpb": bits_per_byte(model, tok, texts).bpb}
+        if gsm_rows:
+            results[name]["gsm_accuracy"] = gsm_accuracy(model, tok, list(gsm_rows), list(shots),
+                                                         max_new_tokens)["accuracy"]
+    return results

@@ -50,3 +50,23 @@ def write_json(path: Path, obj: object) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
     tmp.replace(path)
+
+
+class Stages:
+    """Run-once steps of a recipe: each result is stored as JSON under `root/stages/` when its
+    step finishes, so an interrupted or repeated recipe continues from what is done."""
+
+    def __init__(self, root: Path):
+        self.dir = Path(root) / "stages"
+
+    def done(self, name: str) -> bool:
+        return (self.dir / f"{name}.json").exists()
+
+    def once(self, name: str, fn, *args, **kwargs):
+        """`fn(*args, **kwargs)` the first time; its stored JSON result every later time."""
+        path = self.dir / f"{name}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        result = fn(*args, **kwargs)
+        write_json(path, result)
+        return json.loads(path.read_text())
