@@ -75,7 +75,7 @@ class StepSampler:
 
     def __init__(self, counts: np.ndarray, batch_size: int, accumulate: int, world: int,
                  rank: int, seed: int):
-        self.counts, self.batch, self.accumulate = counts, batch_size, accumulate
+        self.counts, self.batch_size, self.accumulate = counts, batch_size, accumulate
         self.world, self.rank, self.seed = world, rank, seed
         self.epoch, self.skip_steps = 0, 0
         self.steps_per_epoch = len(counts) // (batch_size * accumulate * world)
@@ -99,14 +99,14 @@ class StepSampler:
 
     def __iter__(self):
         perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.counts))
-        g = self.batch * self.accumulate * self.world
+        g = self.batch_size * self.accumulate * self.world
         skip, self.skip_steps = self.skip_steps, 0
         for step in range(skip, self.steps_per_epoch):
             ids = perm[step * g : (step + 1) * g]
             chunks, tokens = (int(x) for x in self.counts[ids].sum(0))
             for m in range(self.accumulate):
-                lo = (m * self.world + self.rank) * self.batch
-                yield [(int(i), chunks, tokens) for i in ids[lo : lo + self.batch]]
+                lo = (m * self.world + self.rank) * self.batch_size
+                yield [(int(i), chunks, tokens) for i in ids[lo : lo + self.batch_size]]
 
 
 def _example(row: dict) -> dict:
