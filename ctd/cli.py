@@ -13,9 +13,6 @@ from ctd.corpora import SampleBy, Split
 from ctd.data import DataConfig
 from ctd.errors import CtdError
 from ctd.losses.combine import LossSpec
-from ctd.recipes.ensemble import EnsembleConfig
-from ctd.recipes.heal import HealConfig
-from ctd.recipes.math_distill import MathConfig
 from ctd.train import ModelsConfig, OptimConfig, TrainConfig
 
 
@@ -118,77 +115,6 @@ def distill(
     console().print(f"trained {summary['steps']} steps; model exported to {summary['export']}")
 
 
-def heal(recipe: HealConfig) -> None:
-    """Recipe: transplant with OMP, heal with ALM self-distillation (and CLM only, to compare),
-    evaluate bpb per domain and greedy continuations; writes report.md and plots.
-    `ctd heal --recipe configs/recipes/heal.yaml [--recipe.steps 100]`; a second run continues
-    what is done."""
-    from ctd.recipes.heal import run
-
-    run(recipe)
-
-
-def demo(out: Path = Path("runs/demo")) -> None:
-    """The embedded default: the heal recipe at demo scale (~20 min on a 2-core CPU)."""
-    from ctd.recipes.heal import demo_config, run
-
-    run(demo_config(out))
-
-
-def ensemble(
-    models: list[str],
-    tokenizer: str,
-    corpus: str = "wiki-en",
-    split: Split = "test",
-    max_bytes: int | None = 50_000,
-    mode: Literal["probs", "logits"] = "probs",
-    gsm: int = 0,
-    json: Path | None = None,
-) -> None:
-    """Score models that share a tokenizer, alone and as one ensemble (averaged next-token
-    probabilities, or logits).
-
-    Args:
-        models: two or more models on the same tokenizer (transplant them first).
-        tokenizer: the shared tokenizer.
-        corpus, split, max_bytes: text for bits per byte.
-        mode: average probabilities (default) or logits.
-        gsm: also score this many gsm-symbolic test problems (exact match, 1-shot).
-        json: also write the results here.
-    """
-    from ctd.corpora import load_corpus, load_texts
-    from ctd.ensemble import compare
-    from ctd.io import write_json
-    from ctd.report import console, table
-
-    rows = load_corpus("gsm-symbolic", "test").select(range(gsm)).to_list() if gsm else []
-    shots = load_corpus("gsm-symbolic", "train").select(range(1)).to_list() if gsm else []
-    results = compare(models, tokenizer, load_texts(corpus, split, max_bytes), mode, rows, shots)
-    keys = ["bpb"] + (["gsm_accuracy"] if gsm else [])
-    console().print(table(["model", *keys], [[n, *(r[k] for k in keys)] for n, r in results.items()],
-                          title=f"{corpus}/{split} through {tokenizer}"))
-    if json is not None:
-        write_json(json, results)
-
-
-def math(recipe: MathConfig) -> None:
-    """Recipe: distill a math teacher (Qwen2.5-Coder-0.5B) into SmolLM2-135M across tokenizers
-    on gsm-symbolic, ALM+SFT against SFT alone; exact-match accuracy report.
-    `ctd math --recipe configs/recipes/math_distill.yaml`."""
-    from ctd.recipes.math_distill import run
-
-    run(recipe)
-
-
-def ensemble_recipe(recipe: EnsembleConfig) -> None:
-    """Recipe: move Gemma-3-270M onto SmolLM2's tokenizer (transplant + heal), ensemble it with
-    SmolLM2-135M; bpb and gsm accuracy of members and ensemble.
-    `ctd ensemble-recipe --recipe configs/recipes/ensemble.yaml`."""
-    from ctd.recipes.ensemble import run
-
-    run(recipe)
-
-
 def vocab(base: str, tokenizer: str, examples: int = 8, json: Path | None = None) -> None:
     """Compare two vocabularies by bytes: shared / special / approximated tokens, embedding rows,
     digit splitting; warnings for what a transplant cannot carry over.
@@ -254,8 +180,7 @@ def transplant(
         console().print(f"[yellow]warning:[/] {w}")
 
 
-VERBS = {"zoo": zoo, "vocab": vocab, "transplant": transplant, "eval": evaluate, "distill": distill, "ensemble": ensemble, "demo": demo,
-         "heal": heal, "math": math, "ensemble-recipe": ensemble_recipe}
+VERBS = {"zoo": zoo, "vocab": vocab, "transplant": transplant, "eval": evaluate, "distill": distill}
 
 
 def _underscored(argv: list[str]) -> list[str]:

@@ -1,0 +1,280 @@
+"""The transplant methods: each builds the rows of the new tokens from base rows.
+
+Almost every method writes a new row as a weighted sum of base rows, so a method returns a
+sparse weight matrix over base ids; the same weights then serve the input embedding and an
+untied lm_head. Donor-space methods (omp, knn, focus-donor, tokenadapt-hybrid) compare the new
+token with the shared tokens through a donor model that already uses the new tokenizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ctd.tokens import byte_vocab
+from ctd.transplant.omp import omp
+from ctd.transplant.vocab import VocabMatch
+
+DONOR_METHODS = ("omp", "knn", "focus-donor", "tokenadapt-hybrid")
+METHODS = ("omp", "fvt", "mean", "zero", "random", "knn", "focus-donor", "tokenadapt-hybrid",
+           "zett", "wechsel")
+DEFAULT_K = {"omp": 64, "knn": 8}
+FAST = {"pool": 64, "refresh": 8}  # the fast OMP mode (quality measured by the benchmark)
+EXACT = {"pool": 32, "refresh": 1}
+
+
+@dataclass
+class Approximation:
+    """Rows of the new tokens as weights over base rows; fallback rows get `fill` instead."""
+
+    weights: Tensor | None  # sparse [n, V_base]; None: every row is a fallback
+    fallback: Tensor  # bool [n]
+    fill: str = "mean"  # "mean" | "zero" | "random"
+    stats: dict = field(default_factory=dict)
+
+    def apply(self, base: Tensor, real: np.ndarray, seed: int = 0) -> Tensor:
+        """The new rows, given a base matrix [V_base, D] and its real (non-special) row ids."""
+        n, rows = len(self.fallback), base[torch.as_tensor(real)].float()
+        out = torch.zeros(n, base.shape[1]) if self.weights is None else torch.sparse.mm(
+            self.weights, base.float())
+        fb = self.fallback
+        if self.fill == "mean":
+            out[fb] = rows.mean(0)
+        elif self.fill == "random":
+            g = torch.Generator().manual_seed(seed)
+            noise = torch.randn(int(fb.sum()), base.shape[1], generator=g)
+            out[fb] = rows.mean(0) + noise * rows.std(0)
+        elif self.fill == "zero":
+            out[fb] = 0.0
+        return out
+
+
+@dataclass
+class Inputs:
+    """What a method may use: the match, the tokenizers, and the donor matrix of this side."""
+
+    match: VocabMatch
+    base_tok: object
+    new_tok: object
+    donor: Tensor | None  # [V_donor, D_donor], rows indexed by new ids
+    k: int
+    fast: bool = False
+    on_batch: Callable[[int], None] | None = None
+
+
+def _sparse(rows: Tensor, cols: Tensor, vals: Tensor, n: int, vb: int) -> Tensor:
+    return torch.sparse_coo_tensor(torch.stack([rows, cols]), vals.float(), (n, vb)).coalesce()
+
+
+def _dense_weights(idx: Tensor, w: Tensor, vb: int) -> Tensor:
+    """[n, K] base ids and weights -> sparse [n, V_base] (duplicate ids add up)."""
+    n, K = idx.shape
+    rows = torch.arange(n).repeat_interleave(K)
+    return _sparse(rows, idx.reshape(-1), w.reshape(-1), n, vb)
+
+
+def _dictionary(inp: Inputs, ids: np.ndarray):
+    """Shared tokens with a donor row (atoms), their base ids, and which targets have a row."""
+    m, V = inp.match, len(inp.donor)
+    shared = m.shared_ids[m.shared_ids < V]
+    has_row = torch.as_tensor(ids < V)
+    return shared, torch.as_tensor(m.to_base[shared]), has_row
+
+
+def _top_similar(Y: Tensor, P: Tensor, m: int, batch: int = 1024) -> tuple[Tensor, Tensor]:
+    """Cosine similarities of each target with its m most similar atoms (bf16 screen, fp32)."""
+    Pn = torch.nn.functional.normalize(P.float(), dim=1)
+    Pb = Pn.to(torch.bfloat16)
+    Yn = torch.nn.functional.normalize(Y.float(), dim=1)
+    sims, idx = [], []
+    for s in range(0, len(Yn), batch):
+        y = Yn[s : s + batch]
+        cand = (y.to(torch.bfloat16) @ Pb.T).topk(min(2 * m, len(P)), dim=1).indices
+        exact = torch.einsum("nd,nmd->nm", y, Pn[cand])
+        top = exact.topk(m, dim=1)
+        sims.append(top.values)
+        idx.append(cand.gather(1, top.indices))
+    return torch.cat(sims), torch.cat(idx)
+
+
+def _no_rows(n: int) -> Approximation:
+    return Approximation(None, torch.ones(n, dtype=torch.bool))
+
+
+def method_omp(inp: Inputs, ids: np.ndarray, vb: int) -> Approximation:
+    shared, base_ids, has_row = _dictionary(inp, ids)
+    targets = inp.donor[torch.as_tensor(ids[has_row.numpy()])]
+    res = omp(inp.donor[torch.as_tensor(shared)], targets, inp.k,
+              **(FAST if inp.fast else EXACT), on_batch=inp.on_batch)
+    w = _dense_weights(base_ids[res.indices], res.coefs, vb)
+    w = _expand(w, has_row, vb)
+    r = res.residual.numpy()
+    stats = {"mode": "fast" if inp.fast else "exact", **(FAST if inp.fast else EXACT),
+             "dictionary_atoms": len(shared), "stopped_early": res.stopped,
+             "relative_residual": _describe(r)}
+    return Approximation(w, ~has_row, stats=stats)
+
+
+def _expand(w: Tensor, has_row: Tensor, vb: int) -> Tensor:
+    """Weights computed for the targets with donor rows -> weights for all targets."""
+    where = has_row.nonzero().squeeze(1)
+    i = w.indices()
+    return _sparse(where[i[0]], i[1], w.values(), len(has_row), vb)
+
+
+def _describe(x: np.ndarray) -> dict[str, float]:
+    if not len(x):
+        return {}
+    q = np.quantile(x, [0.5, 0.9])
+    return {"mean": float(x.mean()), "median": float(q[0]), "p90": float(q[1]),
+            "max": float(x.max())}
+
+
+def _base_pieces(inp: Inputs, ids: np.ndarray) -> tuple[Tensor, Tensor]:
+    """Each new token's bytes tokenized by the base tokenizer: flat (target, base id) pairs."""
+    nv, bv = byte_vocab(inp.new_tok), byte_vocab(inp.base_tok)
+    rows_ok = inp.match.base_rows
+    single = {p: i for i, p in enumerate(bv.pieces[:rows_ok]) if len(p) == 1 and not bv.is_special[i]}
+    texts, parts = [], []
+    for n, i in enumerate(ids):
+        if i >= len(nv) or inp.match.new_special[i] or not nv.pieces[i]:
+            continue
+        s = nv.pieces[i].decode("utf-8", errors="surrogateescape")
+        # split into valid text and raw bytes (surrogates), kept in order
+        for chunk in _runs(s):
+            if chunk[0] >= "\udc80" and chunk[0] <= "\udcff":
+                parts.append((n, len(texts), [single.get(bytes([ord(c) - 0xDC00]), -1) for c in chunk]))
+            else:
+                parts.append((n, len(texts), None))
+                texts.append(chunk)
+    enc = inp.base_tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+    owner, base = [], []
+    for n, t, raw in parts:
+        got = raw if raw is not None else enc[t]
+        for b in got:
+            if 0 <= b < rows_ok:
+                owner.append(n)
+                base.append(b)
+    return torch.tensor(owner, dtype=torch.long), torch.tensor(base, dtype=torch.long)
+
+
+def _runs(s: str) -> list[str]:
+    out, cur, cur_raw = [], "", None
+    for c in s:
+        raw = "\udc80" <= c <= "\udcff"
+        if cur and raw != cur_raw:
+            out.append(cur)
+            cur = ""
+        cur, cur_raw = cur + c, raw
+    return out + ([cur] if cur else [])
+
+
+def _segment_normalise(owner: Tensor, w: Tensor, n: int) -> Tensor:
+    total = torch.zeros(n).index_add_(0, owner, w)
+    return w / total[owner].clamp_min(1e-30)
+
+
+def method_fvt(inp: Inputs, ids: np.ndarray, vb: int) -> Approximation:
+    owner, base = _base_pieces(inp, ids)
+    n = len(ids)
+    w = _segment_normalise(owner, torch.ones(len(owner)), n)
+    has = torch.zeros(n, dtype=torch.bool)
+    has[owner] = True
+    return Approximation(_sparse(owner, base, w, n, vb), ~has,
+                         stats={"mean_pieces": float(len(owner) / max(1, int(has.sum())))})
+
+
+def method_knn(inp: Inputs, ids: np.ndarray, vb: int) -> Approximation:
+    shared, base_ids, has_row = _dictionary(inp, ids)
+    sims, idx = _top_similar(inp.donor[torch.as_tensor(ids[has_row.numpy()])],
+                             inp.donor[torch.as_tensor(shared)], inp.k)
+    w = sims.clamp_min(0)
+    good = w.sum(1) > 0
+    w = w / w.sum(1, keepdim=True).clamp_min(1e-30)
+    wts = _expand(_dense_weights(base_ids[idx], w, vb), has_row, vb)
+    fb = ~has_row
+    fb[has_row.clone()] = ~good
+    return Approximation(wts, fb, stats={"mean_top_similarity": float(sims[:, 0].mean())})
+
+
+def _sparsemax(z: Tensor) -> Tensor:
+    """Sparsemax along dim 1 of values sorted in descending order."""
+    k = torch.arange(1, z.shape[1] + 1, dtype=z.dtype)
+    cs = z.cumsum(1)
+    support = (1 + k * z) > cs
+    kz = support.sum(1, keepdim=True)
+    tau = (cs.gather(1, kz - 1) - 1) / kz
+    return (z - tau).clamp_min(0)
+
+
+def method_focus(inp: Inputs, ids: np.ndarray, vb: int) -> Approximation:
+    shared, base_ids, has_row = _dictionary(inp, ids)
+    sims, idx = _top_similar(inp.donor[torch.as_tensor(ids[has_row.numpy()])],
+                             inp.donor[torch.as_tensor(shared)], 256)
+    w = _sparsemax(sims)
+    wts = _expand(_dense_weights(base_ids[idx], w, vb), has_row, vb)
+    return Approximation(wts, ~has_row, stats={"mean_support": float((w > 0).sum(1).float().mean())})
+
+
+def method_tokenadapt(inp: Inputs, ids: np.ndarray, vb: int) -> Approximation:
+    """0.7 * local (base pieces weighted by donor similarity and length) + 0.3 * global."""
+    shared, base_ids, has_row = _dictionary(inp, ids)
+    n = len(ids)
+    donor = torch.nn.functional.normalize(inp.donor.float(), dim=1)
+    # local: pieces of the token in the base tokenizer, compared in donor space via shared ids
+    owner, base = _base_pieces(inp, ids)
+    base_to_new = torch.full((vb,), -1, dtype=torch.long)
+    base_to_new[base_ids] = torch.as_tensor(shared)
+    tgt = torch.as_tensor(ids)[owner]
+    via = base_to_new[base]
+    ok = (via >= 0) & (tgt < len(donor))
+    sim = torch.zeros(len(owner))
+    sim[ok] = (donor[tgt[ok]] * donor[via[ok]]).sum(1)
+    nv = byte_vocab(inp.new_tok)
+    blen = torch.as_tensor(byte_vocab(inp.base_tok).lengths)[base].float()
+    tlen = torch.as_tensor(nv.lengths)[tgt.clamp_max(len(nv) - 1)].float().clamp_min(1)
+    e = torch.exp(sim - 1.0) * (blen / tlen)
+    local = _segment_normalise(owner, e, n)
+    has_local = torch.zeros(n, dtype=torch.bool)
+    has_local[owner] = True
+    # global: the 3 most similar shared tokens, softmax(sim / 0.3)
+    sims, idx = _top_similar(inp.donor[torch.as_tensor(ids[has_row.numpy()])],
+                             inp.donor[torch.as_tensor(shared)], 3)
+    g = torch.softmax(sims / 0.3, dim=1)
+    rows_g = has_row.nonzero().squeeze(1).repeat_interleave(3)
+    scale_local = torch.where(has_row, 0.7, 1.0)[owner]
+    scale_global = torch.where(has_local, 0.3, 1.0)[has_row].repeat_interleave(3)
+    w = _sparse(torch.cat([owner, rows_g]), torch.cat([base, base_ids[idx].reshape(-1)]),
+                torch.cat([local * scale_local, g.reshape(-1) * scale_global]), n, vb)
+    return Approximation(w, ~(has_local | has_row))
+
+
+def method_const(fill: str) -> Callable[[Inputs, np.ndarray, int], Approximation]:
+    def run(inp: Inputs, ids: np.ndarray, vb: int) -> Approximation:
+        a = _no_rows(len(ids))
+        a.fill = fill
+        return a
+    return run
+
+
+RUN: dict[str, Callable[[Inputs, np.ndarray, int], Approximation]] = {
+    "omp": method_omp,
+    "fvt": method_fvt,
+    "mean": method_const("mean"),
+    "zero": method_const("zero"),
+    "random": method_const("random"),
+    "knn": method_knn,
+    "focus-donor": method_focus,
+    "tokenadapt-hybrid": method_tokenadapt,
+}
+# Methods whose resources cannot be had offline; refused before anything is loaded.
+NEEDS_RESOURCE = {
+    name: f"method '{name}' needs {what}, which cannot be obtained offline and is not supported "
+    "yet; use --method omp (with a donor) or fvt"
+    for name, what in [("zett", "a pretrained ZeTT hypernetwork for the base model"),
+                       ("wechsel", "fastText vectors and a bilingual dictionary")]
+}

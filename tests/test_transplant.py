@@ -1,0 +1,233 @@
+"""ctd transplant: OMP against brute force, every method on tiny models over real tokenizers,
+tied/untied, reload, bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ctd.cli import main
+from ctd.errors import CtdError
+from ctd.transplant.methods import METHODS, NEEDS_RESOURCE
+from ctd.transplant.omp import omp
+from ctd.transplant.run import transplant, transplant_model
+from ctd.transplant.vocab import match_vocab, require_shared
+from tests.tiny import tiny_model
+
+
+def _brute_omp(P: torch.Tensor, y: torch.Tensor, k: int):
+    """Textbook OMP in float64: full correlations, least squares re-solved from scratch."""
+    P, y, chosen = P.double(), y.double(), []
+    r = y
+    for _ in range(k):
+        c = (P @ r).abs()
+        c[chosen] = -1
+        chosen.append(int(c.argmax()))
+        A = P[chosen].T
+        x = torch.linalg.lstsq(A, y.unsqueeze(1)).solution.squeeze(1)
+        r = y - A @ x
+    return chosen, x
+
+
+@pytest.mark.parametrize("pool", [0, 32])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_omp_matches_brute_force_least_squares(pool, seed):
+    g = torch.Generator().manual_seed(seed)
+    P, Y, k = torch.randn(400, 32, generator=g), torch.randn(25, 32, generator=g), 10
+    res = omp(P, Y, k, pool=pool, batch_size=8)
+    for i in range(len(Y)):
+        chosen, x = _brute_omp(P, Y[i], k)
+        assert sorted(chosen) == sorted(res.indices[i].tolist())
+        ref = dict(zip(chosen, x.tolist()))
+        got = dict(zip(res.indices[i].tolist(), res.coefs[i].tolist()))
+        assert max(abs(ref[j] - got[j]) for j in chosen) < 1e-5
+    approx = torch.einsum("nk,nkd->nd", res.coefs, P[res.indices])
+    expect = (Y - approx).norm(dim=1) / Y.norm(dim=1)
+    assert torch.allclose(res.residual, expect, atol=1e-5)
+
+
+def test_omp_guards_near_dependent_atoms():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 16, generator=g)
+    P = torch.cat([base, base * 2, base[:1] + 1e-7])  # duplicates: only 3 independent atoms
+    Y = base[:2].sum(0, keepdim=True)  # exactly in the span of 2 atoms
+    res = omp(P, Y, 6, pool=4)
+    assert torch.isfinite(res.coefs).all() and res.stopped == 1
+    assert res.residual.item() < 1e-5
+
+
+def test_fast_mode_runs_and_exact_is_at_least_as_good():
+    """Isotropic random atoms are the fast mode's worst case; its quality on real embeddings is
+    measured by scripts/bench_transplant.py."""
+    g = torch.Generator().manual_seed(3)
+    P, Y = torch.randn(2000, 48, generator=g), torch.randn(64, 48, generator=g)
+    exact, fast = omp(P, Y, 16), omp(P, Y, 16, pool=64, refresh=8)
+    assert torch.isfinite(fast.coefs).all() and len(set(fast.indices[0].tolist())) == 16
+    assert exact.residual.mean() <= fast.residual.mean() < 1
+
+
+@pytest.fixture(scope="module")
+def gemma_untied(gemma_tok):
+    return tiny_model(gemma_tok, arch="gemma3", tied=False, seed=1)
+
+
+@pytest.fixture(scope="module")
+def smol_donor(smol_tok):
+    return tiny_model(smol_tok, arch="llama", tied=True, seed=2)
+
+
+@pytest.fixture(scope="module")
+def match(gemma_tok, smol_tok):
+    return match_vocab(gemma_tok, smol_tok)
+
+
+def _check_rows(report, before_in, before_out, model, match, smol_tok):
+    shared = match.shared_ids
+    new_in = model.get_input_embeddings().weight
+    assert new_in.shape[0] == len(smol_tok) == model.config.vocab_size
+    assert torch.equal(new_in[shared], before_in[match.to_base[shared]])  # bit for bit
+    assert torch.isfinite(new_in).all()
+    if before_out is not None:
+        new_out = model.get_output_embeddings().weight
+        assert new_out.data_ptr() != new_in.data_ptr()
+        assert torch.equal(new_out[shared], before_out[match.to_base[shared]])
+    else:
+        assert model.get_output_embeddings().weight.data_ptr() == new_in.data_ptr()
+    assert report["vocab"]["shared"] == len(shared)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in NEEDS_RESOURCE])
+def test_every_method_on_tiny_untied_model(method, gemma_untied, smol_donor, gemma_tok, smol_tok,
+                                           match):
+    model = copy.deepcopy(gemma_untied)
+    before_in = model.get_input_embeddings().weight.detach().clone()
+    before_out = model.get_output_embeddings().weight.detach().clone()
+    report = transplant_model(model, gemma_tok, smol_tok, method, k=2, donor=smol_donor)
+    _check_rows(report, before_in, before_out, model, match, smol_tok)
+    assert set(report["sides"]) == {"input", "output"}
+    if method in ("zero", "mean", "random"):
+        assert report["sides"]["input"]["fallback"] == report["vocab"]["approximated"]
+    else:
+        assert report["sides"]["input"]["fallback"] < report["vocab"]["approximated"] // 10
+    if method == "omp":
+        assert 0 < report["sides"]["input"]["relative_residual"]["mean"] < 1
+    ids = smol_tok("The capital of France is", return_tensors="pt")["input_ids"]
+    assert torch.isfinite(model(ids).logits).all()
+
+
+def test_tied_stays_tied(gemma_tok, smol_tok, smol_donor, match):
+    model = tiny_model(gemma_tok, arch="qwen2", tied=True, seed=3)
+    before = model.get_input_embeddings().weight.detach().clone()
+    report = transplant_model(model, gemma_tok, smol_tok, "omp", k=2, donor=smol_donor, fast=True)
+    _check_rows(report, before, None, model, match, smol_tok)
+    assert report["tied"] and set(report["sides"]) == {"input"}
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory, gemma_tok, smol_tok, gemma_untied, smol_donor):
+    root = tmp_path_factory.mktemp("transplant")
+    for name, model, tok in [("base", gemma_untied, gemma_tok), ("donor", smol_donor, smol_tok)]:
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    smol_tok.save_pretrained(root / "tok-only")
+    return root
+
+
+def test_written_output_reloads(dirs, smol_tok, gemma_untied):
+    out = dirs / "out"
+    report = transplant(str(dirs / "base"), str(dirs / "donor"), out, "fvt", show_progress=False)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.get_vocab() == smol_tok.get_vocab()
+    assert model.config.vocab_size == len(tok)
+    assert (model.config.bos_token_id, model.config.eos_token_id) == (
+        tok.bos_token_id, tok.eos_token_id)
+    assert not model.config.tie_word_embeddings
+    saved = json.loads((out / "transplant_report.json").read_text())
+    assert saved["method"] == "fvt" and saved["timings"]["total_s"] > 0
+    assert saved["versions"]["torch"] == torch.__version__
+    shared = np.asarray(report["vocab"]["shared"])
+    assert shared > 40_000
+    ids = tok("Hello world", return_tensors="pt")["input_ids"]
+    assert torch.isfinite(model(ids).logits).all()
+    assert not list(dirs.glob(".out.tmp-*"))
+
+
+def _cli(capsys, *args) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as e:
+        main(list(args))
+    return e.value.code, capsys.readouterr().err
+
+
+def test_bad_inputs_one_line_exit_2_nothing_written(dirs, capsys, tmp_path):
+    base, donor = str(dirs / "base"), str(dirs / "donor")
+    existing = tmp_path / "exists"
+    existing.mkdir()
+    (existing / "keep").write_text("x")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cases = [
+        (["--out", str(existing)], "already exists"),
+        (["--out", str(blocker / "sub")], "cannot write"),
+        (["--out", str(tmp_path / "a"), "--tokenizer", str(dirs / "tok-only")], "--method fvt"),
+        (["--out", str(tmp_path / "b"), "--donor", base], "different vocabulary"),
+        (["--out", str(tmp_path / "c"), "--k", "1000000"], "exceeds the"),
+        (["--out", str(tmp_path / "d"), "--method", "zett"], "cannot be obtained offline"),
+    ]
+    for extra, needle in cases:
+        args = ["transplant", "--base", base, "--tokenizer", donor, *extra]
+        code, err = _cli(capsys, *args)
+        lines = [line for line in err.splitlines() if line.startswith("ctd: error:")]
+        assert code == 2 and len(lines) == 1 and needle in lines[0], (extra, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists", "file"]
+    assert [p.name for p in existing.iterdir()] == ["keep"]
+
+
+def test_unsupported_tokenizer_and_no_shared_tokens(tmp_path, capsys, smol_tok):
+    from tokenizers import Tokenizer, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    wp = Tokenizer(models.WordPiece({"[UNK]": 0, "hello": 1}, unk_token="[UNK]"))
+    wp.normalizer = normalizers.Lowercase()
+    PreTrainedTokenizerFast(tokenizer_object=wp).save_pretrained(tmp_path / "wp")
+    code, err = _cli(capsys, "vocab", "--base", str(tmp_path / "wp"), "--tokenizer", "smollm2-135m")
+    assert code == 2 and "WordPiece" in err
+    match = match_vocab(smol_tok, smol_tok)
+    match.to_base[:] = -1
+    with pytest.raises(CtdError, match="share no tokens"):
+        require_shared(match)
+
+
+def test_vocab_verb_reports(capsys, tmp_path):
+    main(["vocab", "--base", "gemma3-270m", "--tokenizer", "smollm2-135m", "--json",
+          str(tmp_path / "v.json")])
+    summary = json.loads((tmp_path / "v.json").read_text())
+    assert summary["shared"] > 46_000 and summary["approximated"] > 3_000
+    assert summary["digits"]["base"]["style"] == "single digits"
+    assert "shared" in capsys.readouterr().out
+
+
+@pytest.mark.real
+def test_real_pair_fast_omp(gemma_tok, smol_tok, match):
+    from ctd.zoo import load_model
+
+    base, donor = load_model("gemma3-270m"), load_model("smollm2-135m")
+    text = "The capital of France is Paris. It is known for the Eiffel Tower and its museums."
+
+    def bits_per_byte(model, tok) -> float:
+        ids = tok(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            loss = model(ids, labels=ids).loss.item()
+        return loss * (ids.shape[1] - 1) / len(text.encode()) / np.log(2)
+
+    bpb_before = bits_per_byte(base, gemma_tok)
+    before = base.get_input_embeddings().weight.detach().clone()
+    report = transplant_model(base, gemma_tok, smol_tok, "omp", k=16, donor=donor, fast=True)
+    _check_rows(report, before, None, base, match, smol_tok)
+    assert report["sides"]["input"]["relative_residual"]["mean"] < 0.6
+    assert bits_per_byte(base, smol_tok) < 1.5 * bpb_before
