@@ -13,6 +13,9 @@ from ctd.corpora import SampleBy, Split
 from ctd.data import DataConfig
 from ctd.errors import CtdError
 from ctd.losses.combine import LossSpec
+from ctd.recipes.ensemble import EnsembleConfig
+from ctd.recipes.heal import HealConfig
+from ctd.recipes.math_distill import MathConfig
 from ctd.train import ModelsConfig, OptimConfig, TrainConfig
 
 
@@ -115,6 +118,77 @@ def distill(
     console().print(f"trained {summary['steps']} steps; model exported to {summary['export']}")
 
 
+def heal(recipe: HealConfig) -> None:
+    """Recipe: transplant with OMP, heal with ALM self-distillation (and CLM only, to compare),
+    evaluate bpb per domain and greedy continuations; writes report.md and plots.
+    `ctd heal --recipe configs/recipes/heal.yaml [--recipe.steps 100]`; a second run continues
+    what is done."""
+    from ctd.recipes.heal import run
+
+    run(recipe)
+
+
+def demo(out: Path = Path("runs/demo")) -> None:
+    """The embedded default: the heal recipe at demo scale (~20 min on a 2-core CPU)."""
+    from ctd.recipes.heal import demo_config, run
+
+    run(demo_config(out))
+
+
+def ensemble(
+    models: list[str],
+    tokenizer: str,
+    corpus: str = "wiki-en",
+    split: Split = "test",
+    max_bytes: int | None = 50_000,
+    mode: Literal["probs", "logits"] = "probs",
+    gsm: int = 0,
+    json: Path | None = None,
+) -> None:
+    """Score models that share a tokenizer, alone and as one ensemble (averaged next-token
+    probabilities, or logits).
+
+    Args:
+        models: two or more models on the same tokenizer (transplant them first).
+        tokenizer: the shared tokenizer.
+        corpus, split, max_bytes: text for bits per byte.
+        mode: average probabilities (default) or logits.
+        gsm: also score this many gsm-symbolic test problems (exact match, 1-shot).
+        json: also write the results here.
+    """
+    from ctd.corpora import load_corpus, load_texts
+    from ctd.ensemble import compare
+    from ctd.io import write_json
+    from ctd.report import console, table
+
+    rows = load_corpus("gsm-symbolic", "test").select(range(gsm)).to_list() if gsm else []
+    shots = load_corpus("gsm-symbolic", "train").select(range(1)).to_list() if gsm else []
+    results = compare(models, tokenizer, load_texts(corpus, split, max_bytes), mode, rows, shots)
+    keys = ["bpb"] + (["gsm_accuracy"] if gsm else [])
+    console().print(table(["model", *keys], [[n, *(r[k] for k in keys)] for n, r in results.items()],
+                          title=f"{corpus}/{split} through {tokenizer}"))
+    if json is not None:
+        write_json(json, results)
+
+
+def math(recipe: MathConfig) -> None:
+    """Recipe: distill a math teacher (Qwen2.5-Coder-0.5B) into SmolLM2-135M across tokenizers
+    on gsm-symbolic, ALM+SFT against SFT alone; exact-match accuracy report.
+    `ctd math --recipe configs/recipes/math_distill.yaml`."""
+    from ctd.recipes.math_distill import run
+
+    run(recipe)
+
+
+def ensemble_recipe(recipe: EnsembleConfig) -> None:
+    """Recipe: move Gemma-3-270M onto SmolLM2's tokenizer (transplant + heal), ensemble it with
+    SmolLM2-135M; bpb and gsm accuracy of members and ensemble.
+    `ctd ensemble-recipe --recipe configs/recipes/ensemble.yaml`."""
+    from ctd.recipes.ensemble import run
+
+    run(recipe)
+
+
 def vocab(base: str, tokenizer: str, examples: int = 8, json: Path | None = None) -> None:
     """Compare two vocabularies by bytes: shared / special / approximated tokens, embedding rows,
     digit splitting; warnings for what a transplant cannot carry over.
@@ -180,7 +254,73 @@ def transplant(
         console().print(f"[yellow]warning:[/] {w}")
 
 
-VERBS = {"zoo": zoo, "vocab": vocab, "transplant": transplant, "eval": evaluate, "distill": distill}
+def vocab(base: str, tokenizer: str, examples: int = 8, json: Path | None = None) -> None:
+    """Compare two vocabularies by bytes: shared / special / approximated tokens, embedding rows,
+    digit splitting; warnings for what a transplant cannot carry over.
+
+    Args:
+        base: the model (or tokenizer) whose vocabulary is the starting point.
+        tokenizer: the new tokenizer.
+        examples: how many example tokens to show per group.
+        json: also write the full report here.
+    """
+    from ctd.io import write_json
+    from ctd.report import console, table
+    from ctd.transplant.run import analyse
+
+    summary = analyse(base, tokenizer, examples)
+    rows = [[k, v] for k, v in summary.items() if isinstance(v, int | str)]
+    rows += [[f"matched by {k}", v] for k, v in summary["matched"].items()]
+    rows += [[f"digits ({who})", d["style"]] for who, d in summary["digits"].items()]
+    console().print(table(["", "value"], rows, title=f"{base} -> {tokenizer}"))
+    for group, shown in summary["examples"].items():
+        console().print(f"[bold]{group}[/]: " + ", ".join(shown))
+    for w in summary["warnings"]:
+        console().print(f"[yellow]warning:[/] {w}")
+    if json is not None:
+        write_json(json, summary)
+
+
+def transplant(
+    base: str,
+    tokenizer: str,
+    out: Path,
+    method: str = "omp",
+    k: int | None = None,
+    donor: str | None = None,
+    fast: bool = False,
+    overwrite: bool = False,
+) -> None:
+    """Move a model onto a new tokenizer without training (OMP by default) and write an HF
+    directory with `transplant_report.json`.
+
+    Args:
+        base: the model whose body is kept.
+        tokenizer: the new tokenizer; when it names a model, that model is the donor.
+        out: output directory (never replaced without --overwrite).
+        method: omp, fvt, mean, zero, random, knn, focus-donor, tokenadapt-hybrid.
+        k: atoms per token for omp (64), neighbours for knn (8).
+        donor: a model that uses the new tokenizer (omp, knn, focus-donor, tokenadapt-hybrid).
+        fast: OMP fast mode (full-dictionary correlations every 8 steps instead of every step).
+        overwrite: replace an existing output directory.
+    """
+    from ctd.report import console
+    from ctd.transplant.run import transplant as run
+
+    report = run(base, tokenizer, out, method, k, donor, fast, overwrite)
+    v, t = report["vocab"], report["timings"]
+    console().print(f"{v['shared']:,} shared tokens copied, {v['approximated']:,} approximated "
+                    f"with {method} in {t['method_s']:.1f} s; wrote {report['out']}")
+    for side, stats in report["sides"].items():
+        res = stats.get("relative_residual")
+        if res:
+            console().print(f"{side}: mean relative residual in donor space {res['mean']:.3f}")
+    for w in v["warnings"]:
+        console().print(f"[yellow]warning:[/] {w}")
+
+
+VERBS = {"zoo": zoo, "vocab": vocab, "transplant": transplant, "vocab": vocab, "transplant": transplant, "eval": evaluate, "distill": distill, "ensemble": ensemble, "demo": demo,
+         "heal": heal, "math": math, "ensemble-recipe": ensemble_recipe}
 
 
 def _underscored(argv: list[str]) -> list[str]:
