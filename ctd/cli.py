@@ -254,72 +254,7 @@ def transplant(
         console().print(f"[yellow]warning:[/] {w}")
 
 
-def vocab(base: str, tokenizer: str, examples: int = 8, json: Path | None = None) -> None:
-    """Compare two vocabularies by bytes: shared / special / approximated tokens, embedding rows,
-    digit splitting; warnings for what a transplant cannot carry over.
-
-    Args:
-        base: the model (or tokenizer) whose vocabulary is the starting point.
-        tokenizer: the new tokenizer.
-        examples: how many example tokens to show per group.
-        json: also write the full report here.
-    """
-    from ctd.io import write_json
-    from ctd.report import console, table
-    from ctd.transplant.run import analyse
-
-    summary = analyse(base, tokenizer, examples)
-    rows = [[k, v] for k, v in summary.items() if isinstance(v, int | str)]
-    rows += [[f"matched by {k}", v] for k, v in summary["matched"].items()]
-    rows += [[f"digits ({who})", d["style"]] for who, d in summary["digits"].items()]
-    console().print(table(["", "value"], rows, title=f"{base} -> {tokenizer}"))
-    for group, shown in summary["examples"].items():
-        console().print(f"[bold]{group}[/]: " + ", ".join(shown))
-    for w in summary["warnings"]:
-        console().print(f"[yellow]warning:[/] {w}")
-    if json is not None:
-        write_json(json, summary)
-
-
-def transplant(
-    base: str,
-    tokenizer: str,
-    out: Path,
-    method: str = "omp",
-    k: int | None = None,
-    donor: str | None = None,
-    fast: bool = False,
-    overwrite: bool = False,
-) -> None:
-    """Move a model onto a new tokenizer without training (OMP by default) and write an HF
-    directory with `transplant_report.json`.
-
-    Args:
-        base: the model whose body is kept.
-        tokenizer: the new tokenizer; when it names a model, that model is the donor.
-        out: output directory (never replaced without --overwrite).
-        method: omp, fvt, mean, zero, random, knn, focus-donor, tokenadapt-hybrid.
-        k: atoms per token for omp (64), neighbours for knn (8).
-        donor: a model that uses the new tokenizer (omp, knn, focus-donor, tokenadapt-hybrid).
-        fast: OMP fast mode (full-dictionary correlations every 8 steps instead of every step).
-        overwrite: replace an existing output directory.
-    """
-    from ctd.report import console
-    from ctd.transplant.run import transplant as run
-
-    report = run(base, tokenizer, out, method, k, donor, fast, overwrite)
-    v, t = report["vocab"], report["timings"]
-    console().print(f"{v['shared']:,} shared tokens copied, {v['approximated']:,} approximated "
-                    f"with {method} in {t['method_s']:.1f} s; wrote {report['out']}")
-    for side, stats in report["sides"].items():
-        res = stats.get("relative_residual")
-        if res:
-            console().print(f"{side}: mean relative residual in donor space {res['mean']:.3f}")
-    for w in v["warnings"]:
-        console().print(f"[yellow]warning:[/] {w}")
-
-
-VERBS = {"zoo": zoo, "vocab": vocab, "transplant": transplant, "vocab": vocab, "transplant": transplant, "eval": evaluate, "distill": distill, "ensemble": ensemble, "demo": demo,
+VERBS = {"zoo": zoo, "vocab": vocab, "transplant": transplant, "eval": evaluate, "distill": distill, "ensemble": ensemble, "demo": demo,
          "heal": heal, "math": math, "ensemble-recipe": ensemble_recipe}
 
 
