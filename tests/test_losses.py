@@ -12,6 +12,7 @@ from ctd.losses import DistillObjective, LossSpec, hidden_states, output_head
 from ctd.losses.alm import DISTANCES, alm_loss, chunk_last, chunk_sum, merge_chunks
 from ctd.losses.logprobs import token_logprobs
 from ctd.losses.uld import uld_loss
+from tests.test_align import llama_spm_tok  # noqa: F401 (a fixture)
 from tests.tiny import tiny_model
 
 TEXTS = [
@@ -161,13 +162,13 @@ def test_alm_positive_when_models_differ(smol_tok, gemma_tok):
     assert out["alm"].item() > 0 and out["clm"].item() > 0 and grad.abs().max().item() > 0
 
 
-def test_global_normalisation_gives_the_big_batch_gradient(gemma_tok, smol_tok):
-    teacher, student = tiny_model(gemma_tok, "gemma3"), tiny_model(smol_tok, "llama")
-    collate = AlignedCollator(gemma_tok, smol_tok, max_length=64)
+def test_global_normalisation_gives_the_big_batch_gradient(llama_spm_tok, smol_tok):  # noqa: F811
+    teacher, student = tiny_model(llama_spm_tok, "llama"), tiny_model(smol_tok, "llama")
+    collate = AlignedCollator(llama_spm_tok, smol_tok, max_length=64)
     big = collate(TEXTS)
     parts = [collate([ex]) for ex in TEXTS]
     chunks, tokens = int(big["num_chunks"].sum()), int(big["student_loss_mask"].sum())
-    obj = DistillObjective([LossSpec("alm"), LossSpec("clm", weight=0.5)], gemma_tok, smol_tok)
+    obj = DistillObjective([LossSpec("alm"), LossSpec("clm", weight=0.5)], llama_spm_tok, smol_tok)
 
     def grads(batches):
         student.zero_grad()

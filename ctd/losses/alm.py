@@ -12,6 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ctd.errors import CtdError
+
 EPS = 1e-6
 
 
@@ -134,6 +136,11 @@ def alm_hidden_loss(
 ) -> Tensor:
     """Sum over chunks of sum_channels (h_S - h_T)^2 / (per-channel mean of h_T^2 + 1e-8), both
     taken at the chunk's last token (self-distillation: same hidden size)."""
+    if teacher_hidden.shape[-1] != student_hidden.shape[-1]:
+        raise CtdError(
+            f"alm_hidden needs equal hidden sizes (teacher {teacher_hidden.shape[-1]}, student "
+            f"{student_hidden.shape[-1]}); use it for self-distillation only"
+        )
     slots = num_chunk_slots(teacher_chunks, student_chunks)
     t_end, s_end = chunk_last(teacher_chunks, slots), chunk_last(student_chunks, slots)
     rows = torch.nonzero(t_end >= 0, as_tuple=True)

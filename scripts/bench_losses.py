@@ -1,0 +1,131 @@
+"""Benchmark the aligner and the losses; prints JSON.
+
+    .venv/bin/python scripts/bench_losses.py [--hidden 128] [--align-mb 4]
+
+Aligner: bytes/s of the collator (Gemma-3 teacher, SmolLM2 student, max_length 512) on wiki-en
+in this one process, tokenizers single-threaded as in a DataLoader worker.
+Losses: forward+backward at B=4, T=512, V=262,144 from random hidden states through random
+linear heads (the loss cost alone, no transformer), each in a fresh subprocess so that its peak
+RSS is its own. Baseline: the teacher's forward logits plus plain cross-entropy of the student
+with full [B, T, V] logits, which is what "two forward passes and CLM" cost in the head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAYON_NUM_THREADS", "1")
+
+B, T, V = 4, 512, 262_144
+CASES = ["ce_plain", "teacher_forward", "clm", "alm", "alm+clm", "alm_hidden", "uld",
+         "uld_chunked", "kd_shared"]
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_aligner(megabytes: float) -> dict:
+    from ctd.collate import AlignedCollator
+    from ctd.corpora import load_texts
+    from ctd.zoo import load_tokenizer
+
+    texts = load_texts("wiki-en", split="train", max_bytes=int(megabytes * 2**20))
+    collate = AlignedCollator(load_tokenizer("gemma3-270m"), load_tokenizer("smollm2-135m"), 512)
+    collate([{"text": t} for t in texts[:8]])  # warm the byte vocabularies
+    collate.stats.clear()
+    start = time.perf_counter()
+    for i in range(0, len(texts), 16):
+        collate([{"text": t} for t in texts[i : i + 16]])
+    seconds = time.perf_counter() - start
+    text_bytes = sum(len(t.encode()) for t in texts)
+    return {
+        "texts": len(texts),
+        "text_bytes": text_bytes,
+        "seconds": round(seconds, 3),
+        "bytes_per_s": round(text_bytes / seconds),
+        "covered_bytes_per_s": round(collate.stats["bytes"] / seconds),
+        "stats": dict(collate.stats),
+    }
+
+
+def run_case(case: str, hidden: int) -> dict:
+    """One loss case in this (fresh) process: seconds and peak RSS above the inputs."""
+    import torch
+
+    from ctd.collate import AlignedCollator
+    from ctd.corpora import load_texts
+    from ctd.losses import DistillObjective, LossSpec
+    from ctd.zoo import load_tokenizer
+
+    torch.manual_seed(0)
+    tok = load_tokenizer("gemma3-270m")  # V = 262,144 on both sides
+    text = "\n".join(load_texts("wiki-en", split="train", max_bytes=B * 16 * T))
+    docs = [text[i * 8 * T : (i + 1) * 8 * T] for i in range(B)]  # each longer than T tokens
+    batch = AlignedCollator(tok, tok, max_length=T)([{"text": d} for d in docs])
+    t_head = torch.nn.Linear(hidden, V, bias=False).requires_grad_(False)
+    s_head = torch.nn.Linear(hidden, V, bias=False)
+    width = batch["student_input_ids"].shape[1]
+    th = torch.randn(B, width, hidden)
+    sh = torch.randn(B, width, hidden, requires_grad=True)
+    chunks, tokens = int(batch["num_chunks"].sum()), int(batch["student_loss_mask"].sum())
+    objective = None
+    if case not in ("ce_plain", "teacher_forward"):
+        objective = DistillObjective([LossSpec(n) for n in case.split("+")], tok, tok)
+    base = rss_mib()
+    start = time.perf_counter()
+    if case == "ce_plain":
+        logits = s_head(sh)
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, V), batch["student_input_ids"][:, 1:].reshape(-1),
+            reduction="none")
+        (loss.view(B, -1) * batch["student_loss_mask"][:, 1:]).sum().div(tokens).backward()
+    elif case == "teacher_forward":
+        with torch.inference_mode():
+            t_head(th).log_softmax(-1)  # what a plain teacher forward pass costs in the head
+    else:
+        out = objective(batch, sh, s_head, th, t_head, chunks, tokens)
+        out["loss"].backward()
+    seconds = time.perf_counter() - start
+    return {"seconds": round(seconds, 3), "peak_rss_delta_mib": round(rss_mib() - base, 1),
+            "tokens": tokens, "chunks": chunks}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--align-mb", type=float, default=4.0)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(run_case(args.case, args.hidden)))
+        return
+    import torch
+
+    report = {"aligner": bench_aligner(args.align_mb), "losses": {},
+              "shape": {"B": B, "T": T, "V": V, "H": args.hidden},
+              "torch_threads": torch.get_num_threads()}
+    for case in CASES:
+        out = subprocess.run([sys.executable, __file__, "--case", case, "--hidden", str(args.hidden)],
+                             capture_output=True, text=True, check=True)
+        report["losses"][case] = json.loads(out.stdout.strip().splitlines()[-1])
+    r = report["losses"]
+    baseline = r["teacher_forward"]["seconds"] + r["ce_plain"]["seconds"]
+    report["targets"] = {
+        "alm+clm_time_over_teacher_forward_plus_ce": round(r["alm+clm"]["seconds"] / baseline - 1, 3),
+        "alm+clm_peak_over_ce": round(
+            r["alm+clm"]["peak_rss_delta_mib"] / r["ce_plain"]["peak_rss_delta_mib"] - 1, 3),
+        "aligner_mb_per_s": round(report["aligner"]["bytes_per_s"] / 2**20, 2),
+    }
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
