@@ -1,0 +1,145 @@
+"""Benchmark `ctd transplant` (every method) against mergekit's tokensurgeon; prints JSON.
+
+Pairs: A = Gemma-3-270M onto SmolLM2-135M's tokenizer (donor SmolLM2), B = SmolLM2-135M onto
+Gemma-3's tokenizer (donor Gemma-3). Each transplant runs in its own process (wall time and
+peak RSS of that process, load and write included, as for mergekit), then the result's bits per
+byte on wiki-en validation is measured next to the base model's. Fast OMP is compared with
+exact OMP on the same tokens (support overlap, residuals). Where exact OMP would take too long
+(pair B), `--exact-sample N` runs exact and fast OMP on N random new tokens only and
+extrapolates the exact time.
+
+    .venv/bin/python scripts/bench_transplant.py --pairs A B --out /tmp/bench > bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PAIRS = {"A": ("gemma3-270m", "smollm2-135m"), "B": ("smollm2-135m", "gemma3-270m")}
+METHODS = ["omp", "omp-fast", "fvt", "mean", "zero", "random", "knn", "focus-donor",
+           "tokenadapt-hybrid"]
+MERGEKIT = Path("/tmp/mk/bin/mergekit-tokensurgeon")
+PUBLISHED_MERGEKIT_A_S = 406.0  # 6 min 46 s, measured on this kind of machine (issue 3)
+
+
+def timed(cmd: list[str]) -> dict:
+    """Run a command in a wrapper process; wall time and the command's peak RSS."""
+    wrapper = ("import resource,subprocess,sys,json,time; t=time.time(); "
+               "r=subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,"
+               " text=True); print(json.dumps({'rc': r.returncode, 'wall_s': time.time()-t, "
+               "'peak_rss_mb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024, "
+               "'stderr': r.stderr[-400:]}))")
+    out = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+def bpb(model_dir: str, texts: list[str]) -> float:
+    from ctd.evaluate import bits_per_byte
+    from ctd.zoo import load_model, load_tokenizer
+
+    return bits_per_byte(load_model(model_dir), load_tokenizer(model_dir), texts,
+                         progress=False).bpb
+
+
+def compare_sample(base: str, tok: str, n: int, seed: int = 0) -> dict:
+    """Exact vs fast OMP on n random new tokens: time, residuals, support overlap."""
+    import numpy as np
+    import torch
+
+    from ctd.transplant.methods import EXACT, FAST
+    from ctd.transplant.omp import omp
+    from ctd.transplant.vocab import match_vocab
+    from ctd.zoo import load_model, load_tokenizer
+
+    donor = load_model(tok).get_input_embeddings().weight.detach().float()
+    match = match_vocab(load_tokenizer(base), load_tokenizer(tok), new_rows=len(donor))
+    new = match.new_ids
+    pick = np.random.default_rng(seed).choice(new, size=min(n, len(new)), replace=False)
+    P, Y = donor[torch.as_tensor(match.shared_ids)], donor[torch.as_tensor(pick)]
+    out = {"sample": len(pick), "new_tokens": len(new)}
+    results = {}
+    for name, params in [("exact", EXACT), ("fast", FAST)]:
+        t = time.perf_counter()
+        results[name] = omp(P, Y, 64, **params)
+        dt = time.perf_counter() - t
+        out[name] = {"seconds": dt, "extrapolated_s": dt * len(new) / len(pick),
+                     "mean_relative_residual": float(results[name].residual.mean())}
+    e, f = results["exact"].indices, results["fast"].indices
+    overlap = [len(set(a.tolist()) & set(b.tolist())) / 64 for a, b in zip(e, f)]
+    out["fast_support_overlap_with_exact"] = float(np.mean(overlap))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pairs", nargs="+", default=["A", "B"], choices=list(PAIRS))
+    ap.add_argument("--methods", nargs="+", default=METHODS)
+    ap.add_argument("--skip", nargs="*", default=[], help="PAIR:METHOD to skip, e.g. B:omp")
+    ap.add_argument("--mergekit", nargs="*", default=["A"], help="pairs to run mergekit on")
+    ap.add_argument("--exact-sample", type=int, default=2000)
+    ap.add_argument("--max-bytes", type=int, default=200_000)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/ctd-bench"))
+    args = ap.parse_args()
+
+    from ctd.corpora import load_texts
+    from ctd.zoo import resolve_model
+
+    texts = load_texts("wiki-en", split="validation", max_bytes=args.max_bytes)
+    ctd = str(Path(sys.executable).with_name("ctd"))
+    report = {"command": " ".join(sys.argv), "bpb_text": f"wiki-en validation, first "
+              f"{args.max_bytes} bytes", "pairs": {}}
+    for pair in args.pairs:
+        base, tok = PAIRS[pair]
+        rows = {"base_bpb": bpb(resolve_model(base), texts)}
+        print(f"[{pair}] base bpb {rows['base_bpb']:.4f}", file=sys.stderr)
+        for method in args.methods:
+            if f"{pair}:{method}" in args.skip:
+                continue
+            out = args.out / f"{pair}-{method}"
+            shutil.rmtree(out, ignore_errors=True)
+            flags = ["--method", "omp", "--fast", "true"] if method == "omp-fast" else [
+                "--method", method]
+            run = timed([ctd, "transplant", "--base", base, "--tokenizer", tok, "--out", str(out),
+                         *flags])
+            if run["rc"] == 0:
+                rep = json.loads((out / "transplant_report.json").read_text())
+                run["bpb"] = bpb(str(out), texts)
+                run["bpb_ratio"] = run["bpb"] / rows["base_bpb"]
+                run["sides"] = rep["sides"]
+                run["method_s"] = rep["timings"]["method_s"]
+                del run["stderr"]
+                shutil.rmtree(out, ignore_errors=True)
+            rows[method] = run
+            print(f"[{pair}] {method}: {json.dumps(run)[:300]}", file=sys.stderr)
+        if pair in args.mergekit:
+            if MERGEKIT.exists():
+                out = args.out / f"{pair}-mergekit"
+                shutil.rmtree(out, ignore_errors=True)
+                run = timed([str(MERGEKIT), resolve_model(base), resolve_model(tok), str(out),
+                             "-a", "omp", "-k", "64"])
+                if run["rc"] == 0:
+                    run["bpb"] = bpb(str(out), texts)
+                    run["bpb_ratio"] = run["bpb"] / rows["base_bpb"]
+                    del run["stderr"]
+                rows["mergekit-omp-k64"] = run
+            else:
+                rows["mergekit-omp-k64"] = {"installed": False,
+                                            "published_wall_s": PUBLISHED_MERGEKIT_A_S}
+            print(f"[{pair}] mergekit: {rows['mergekit-omp-k64']}", file=sys.stderr)
+        if args.exact_sample:
+            rows["exact_vs_fast_sample"] = compare_sample(base, tok, args.exact_sample)
+        report["pairs"][pair] = rows
+        print(json.dumps(report, indent=1), file=sys.stderr)
+    report["peak_rss_mb_self"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
