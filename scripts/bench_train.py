@@ -27,8 +27,10 @@ def _batch(batch_size: int, length: int):
     from ctd.zoo import load_tokenizer
 
     t_tok, s_tok = load_tokenizer("smollm2-135m"), load_tokenizer("gemma3-270m")
-    long = [t for t in load_texts("wiki-en", "train") if len(t) > 8 * length][:batch_size]
-    return t_tok, s_tok, AlignedCollator(t_tok, s_tok, length)([{"text": t} for t in long])
+    joined = "\n\n".join(load_texts("wiki-en", "train", max_bytes=batch_size * 8 * length))
+    span = len(joined) // batch_size  # lead sections are short: cut B long documents from them
+    docs = [{"text": joined[i * span : (i + 1) * span]} for i in range(batch_size)]
+    return t_tok, s_tok, AlignedCollator(t_tok, s_tok, length)(docs)
 
 
 def run_mode(mode: str, steps: int, batch_size: int, length: int) -> dict:
