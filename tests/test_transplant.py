@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ctd.cli import main
 from ctd.errors import CtdError
+from ctd.tokens import doc_start_id
 from ctd.transplant.methods import METHODS, NEEDS_RESOURCE
 from ctd.transplant.omp import omp
 from ctd.transplant.run import transplant, transplant_model
@@ -220,7 +221,7 @@ def test_real_pair_fast_omp(gemma_tok, smol_tok, match):
     text = "The capital of France is Paris. It is known for the Eiffel Tower and its museums."
 
     def bits_per_byte(model, tok) -> float:
-        ids = tok(text, return_tensors="pt")["input_ids"]
+        ids = torch.tensor([[doc_start_id(tok), *tok(text, add_special_tokens=False)["input_ids"]]])
         with torch.no_grad():
             loss = model(ids, labels=ids).loss.item()
         return loss * (ids.shape[1] - 1) / len(text.encode()) / np.log(2)

@@ -100,6 +100,9 @@ def _install(model, e_in: Tensor, e_out: Tensor | None, new_tok) -> None:
         head.out_features = V
     cfg = model.config
     cfg.vocab_size = V
+    for module in model.modules():  # models cache vocab_size at init (used e.g. by the loss)
+        if isinstance(getattr(module, "vocab_size", None), int):
+            module.vocab_size = V
     for role in ("bos", "eos", "pad"):
         tid = getattr(new_tok, f"{role}_token_id", None)
         setattr(cfg, f"{role}_token_id", tid)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ctd.errors import CtdError
-from ctd.tokens import ByteVocab, byte_vocab
+from ctd.tokens import ByteVocab, byte_vocab, doc_start_id
 
 _BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 _ROLES = ("bos", "eos", "unk", "pad")
@@ -142,6 +142,8 @@ def match_vocab(
     special_ids = [i for i in np.flatnonzero(special) if i < len(nv)]
     for i in special_ids:
         take(i, base_vocab.get(new_strings[i]), "special-exact")
+    # the token documents start after (what evaluation and training put first) comes first
+    take(doc_start_id(new_tok), doc_start_id(base_tok), "special-role")
     base_roles = _role_ids(base_tok)
     for role, i in _role_ids(new_tok).items():
         if i < new_rows and special[i]:
