@@ -254,8 +254,9 @@ def transplant(
         console().print(f"[yellow]warning:[/] {w}")
 
 
-VERBS = {"zoo": zoo, "vocab": vocab, "transplant": transplant, "eval": evaluate, "distill": distill, "ensemble": ensemble, "demo": demo,
-         "heal": heal, "math": math, "ensemble-recipe": ensemble_recipe}
+VERBS = {"zoo": zoo, "vocab": vocab, "transplant": transplant, "eval": evaluate,
+         "distill": distill, "ensemble": ensemble, "demo": demo, "heal": heal, "math": math,
+         "ensemble-recipe": ensemble_recipe}
 
 
 def _underscored(argv: list[str]) -> list[str]:
@@ -272,9 +273,11 @@ def _underscored(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `ctd` console script: user errors become one line and exit status 2."""
     from jsonargparse import auto_cli
+    from transformers.utils import logging as hf_logging
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    hf_logging.disable_progress_bar()  # per-file "Loading weights" bars; ctd shows its own
     try:
         auto_cli(VERBS, args=_underscored(sys.argv[1:] if argv is None else argv),
                  as_positional=False)

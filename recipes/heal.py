@@ -39,6 +39,9 @@ class HealConfig:
         steps, batch_size, max_length, lr, warmup: healing run (each arm gets the same).
         train_documents: training documents of wiki-en (None = all).
         eval_corpora, eval_bytes: bpb on the first `eval_bytes` of each corpus's test split.
+        balance: how ALM and CLM are weighted: "grad_norm" (each term moves the last hidden
+            state equally; ALM's gradients are ~tau times smaller, so fixed weights let CLM
+            dominate) or "fixed".
         compare_clm: also heal with CLM only, for comparison.
         threads: torch threads (None = torch's default).
         out: recipe directory (never deleted; a second run continues it).
@@ -57,6 +60,7 @@ class HealConfig:
     val_documents: int = 32
     eval_corpora: list[str] = field(default_factory=lambda: ["wiki-en", "python-docs"])
     eval_bytes: int = 100_000
+    balance: str = "grad_norm"
     compare_clm: bool = True
     prompts: list[str] = field(default_factory=lambda: list(PROMPTS))
     threads: int | None = None
@@ -80,7 +84,7 @@ def _heal(cfg: HealConfig, student: Path, losses: list[LossSpec], out: Path) -> 
         ModelsConfig(teacher=cfg.base, student=str(student), teacher_dtype="float32"),
         DataConfig(corpus="wiki-en", max_length=cfg.max_length, batch_size=cfg.batch_size,
                    max_documents=cfg.train_documents, val_documents=cfg.val_documents),
-        losses, "fixed",
+        losses, cfg.balance,
         OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup),
         TrainConfig(max_steps=cfg.steps, checkpoint_every=max(cfg.steps // 4, 1),
                     val_every=max(cfg.steps // 4, 1), threads=cfg.threads),
@@ -153,11 +157,15 @@ def write_report(cfg: HealConfig, out: Path, transplant_report: dict, bpb: dict,
     names = list(next(iter(bpb.values())))
     rows = [[corpus, *(bpb[corpus][n] for n in names),
              *(f"{gap_closed(bpb[corpus], a):.0%}" for a in arms)] for corpus in bpb]
-    counts = transplant_report.get("counts", {})
+    vocab = transplant_report["vocab"]
+    residual = transplant_report["sides"]["input"].get("relative_residual", {}).get("mean")
+    residual = "n/a" if residual is None else f"{residual:.3f}"
     text = [
         f"# Heal: {cfg.base} onto {cfg.tokenizer}'s tokenizer",
         "",
-        f"Transplant: method `{cfg.method}` (k={cfg.k}); token counts {counts}.",
+        f"Transplant: method `{cfg.method}` (k={cfg.k}): {vocab['shared']:,} shared tokens copied, "
+        f"{vocab['approximated']:,} approximated (mean relative OMP residual {residual}); "
+        f"{transplant_report['timings']['total_s']:.0f} s.",
         f"Healing: {cfg.steps} steps, batch {cfg.batch_size} x {cfg.max_length} tokens, lr "
         f"{cfg.lr}, wiki-en train; arms: {', '.join(arms)}.",
         "",

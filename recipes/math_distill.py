@@ -47,6 +47,7 @@ class MathConfig:
     test_problems: int = 100
     shots: int = 1
     max_new_tokens: int = 200
+    balance: str = "grad_norm"
     threads: int | None = None
     out: Path = Path("runs/math")
 
@@ -57,7 +58,7 @@ def _train(cfg: MathConfig, losses: list[LossSpec], out: Path) -> dict:
         ModelsConfig(teacher=cfg.teacher, student=cfg.student),
         DataConfig(corpus="gsm-symbolic", max_length=cfg.max_length, batch_size=cfg.batch_size,
                    max_documents=cfg.train_problems, val_documents=16),
-        losses, "fixed",
+        losses, cfg.balance,
         OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup),
         TrainConfig(max_steps=cfg.steps, checkpoint_every=max(cfg.steps // 4, 1),
                     val_every=max(cfg.steps // 2, 1), threads=cfg.threads),
