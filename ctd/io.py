@@ -54,10 +54,25 @@ def write_json(path: Path, obj: object) -> None:
 
 class Stages:
     """Run-once steps of a recipe: each result is stored as JSON under `root/stages/` when its
-    step finishes, so an interrupted or repeated recipe continues from what is done."""
+    step finishes, so an interrupted or repeated recipe continues from what is done.
 
-    def __init__(self, root: Path):
+    The recipe's config is kept in `root/recipe.json`; a later run with a different config is
+    refused, since its finished steps would silently stand for another experiment.
+    """
+
+    def __init__(self, root: Path, config: dict, free: tuple[str, ...] = ("threads", "out")):
         self.dir = Path(root) / "stages"
+        saved = Path(root) / "recipe.json"
+        config = {k: v for k, v in json.loads(json.dumps(config, default=str)).items()
+                  if k not in free}  # `free` settings do not change what is computed
+        if saved.exists():
+            old = json.loads(saved.read_text())
+            diff = sorted(k for k in old.keys() | config.keys() if old.get(k) != config.get(k))
+            if diff:
+                raise CtdError(f"{root} holds a run of a different recipe config (differs in: "
+                               f"{', '.join(diff)}); use the same config or another output dir")
+        else:
+            write_json(saved, config)
 
     def done(self, name: str) -> bool:
         return (self.dir / f"{name}.json").exists()

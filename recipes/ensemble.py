@@ -9,7 +9,7 @@ Reports bpb and gsm-symbolic accuracy of each member and of the ensemble.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ctd.corpora import load_corpus, load_texts
@@ -40,7 +40,7 @@ class EnsembleConfig:
 
 def run(cfg: EnsembleConfig) -> Path:
     out = Path(cfg.out).expanduser().resolve()
-    stages = Stages(out)
+    stages = Stages(out, asdict(cfg))
 
     # 1. Move the other family onto the partner's tokenizer and heal it (resumable).
     heal(cfg.heal)

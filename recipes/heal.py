@@ -11,7 +11,7 @@ from what is done (transplant, last training checkpoint, evaluations) and rewrit
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -109,7 +109,7 @@ def run(cfg: HealConfig) -> Path:
     out = Path(cfg.out).expanduser().resolve()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    stages = Stages(out)
+    stages = Stages(out, asdict(cfg))
 
     # 1. Transplant the base onto the new tokenizer (training-free).
     transplanted = out / "transplant"

@@ -10,7 +10,7 @@ exact-match accuracy of greedy answers (the number after ####) on held-out probl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -78,7 +78,7 @@ def run(cfg: MathConfig) -> Path:
     out = Path(cfg.out).expanduser().resolve()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    stages = Stages(out)
+    stages = Stages(out, asdict(cfg))
 
     # 1. Two arms at equal steps and data: ALM + SFT, and SFT alone.
     arms = {"alm+sft": [LossSpec("alm"), LossSpec("clm")], "sft": [LossSpec("clm")]}

@@ -3,10 +3,12 @@ bpb, continuations, report and plots; a second run continues from what is done."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
+from ctd.errors import CtdError
 from ctd.recipes.heal import HealConfig, gap_closed, run
 from tests.tiny import tiny_model
 
@@ -39,6 +41,9 @@ def test_heal_recipe_runs_end_to_end_and_continues(tiny_pair, tmp_path, smol_tok
     assert moved["vocab_size"] == len(smol_tok)  # really moved onto the other tokenizer
     stamps = {p.name: p.stat().st_mtime_ns for p in stages.iterdir()}
     assert run(cfg) == report  # a second run redoes nothing and rewrites the report
+    assert {p.name: p.stat().st_mtime_ns for p in stages.iterdir()} == stamps
+    with pytest.raises(CtdError, match="different recipe config .*steps"):
+        run(dataclasses.replace(cfg, steps=3))  # would pass off 2-step results as 3-step ones
     assert {p.name: p.stat().st_mtime_ns for p in stages.iterdir()} == stamps
 
 

@@ -87,12 +87,17 @@ def token_logprobs(
 
     def rows(hs: Tensor, target: Tensor) -> Tensor:
         logits = upcast(head(hs))
-        lse = logits.logsumexp(-1)
-        out = [logits.gather(1, target).squeeze(1) - lse]
-        if mask is not None:
-            words = _fit(mask, logits.shape[-1])
-            out.append(logits.masked_fill(~words, float("-inf")).logsumexp(-1) - lse)
-        return torch.stack(out, dim=1)
+        if mask is None:
+            return (logits.gather(1, target).squeeze(1) - logits.logsumexp(-1))[:, None]
+        # One exp pass serves both sums (a masked copy + second logsumexp cost ~2x more):
+        # the word-start mass is a mat-vec of the shifted exponentials with the 0/1 mask.
+        top = logits.detach().amax(-1, keepdim=True)
+        e = (logits - top).exp()
+        log_total = e.sum(-1).log()
+        words = _fit(mask, logits.shape[-1]).to(e.dtype)
+        log_words = (e @ words).clamp_min(torch.finfo(e.dtype).tiny).log()
+        target_lp = logits.gather(1, target).squeeze(1) - top.squeeze(1) - log_total
+        return torch.stack([target_lp, log_words - log_total], dim=1)
 
     stats = map_rows(rows, hidden.reshape(-1, h), nxt, chunk=chunk).view(b, t, -1)
     lp = F.pad(stats[:, :-1, 0], (1, 0))
