@@ -390,3 +390,14 @@ def distill(models: ModelsConfig, data: DataConfig, losses: list[LossSpec], bala
         _export(module, trainer, s_tok, ckpts.last, out / "model")
         summary["export"] = str(out / "model")
     return summary
+
+
+def distill_step(models: ModelsConfig, data: DataConfig, losses: list[LossSpec], balance: str,
+                 optim: OptimConfig, train: TrainConfig, out: Path) -> dict:
+    """`distill` as a recipe step: continues `out`'s last checkpoint if an earlier run was
+    interrupted, and raises KeyboardInterrupt if this one is (the checkpoint is kept)."""
+    resume = (Path(out) / "checkpoints" / "last.ckpt").exists()
+    summary = distill(models, data, losses, balance, optim, train, out, resume=resume)
+    if summary["interrupted"]:
+        raise KeyboardInterrupt(f"training interrupted; run the recipe again to continue {out}")
+    return summary

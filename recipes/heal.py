@@ -22,7 +22,7 @@ from ctd.evaluate import bits_per_byte, greedy_generate
 from ctd.io import Stages
 from ctd.losses.combine import LossSpec
 from ctd.report import console, markdown_table, plot_bars, plot_curves
-from ctd.train import ModelsConfig, OptimConfig, TrainConfig, distill
+from ctd.train import ModelsConfig, OptimConfig, TrainConfig, distill_step
 from ctd.transplant.run import transplant
 from ctd.zoo import load_model, load_tokenizer
 
@@ -79,8 +79,7 @@ def demo_config(out: Path = Path("runs/demo")) -> HealConfig:
 
 def _heal(cfg: HealConfig, student: Path, losses: list[LossSpec], out: Path) -> dict:
     """One healing arm; continues its last checkpoint if an earlier run was interrupted."""
-    resume = (out / "checkpoints" / "last.ckpt").exists()
-    summary = distill(
+    return distill_step(
         ModelsConfig(teacher=cfg.base, student=str(student), teacher_dtype="float32"),
         DataConfig(corpus="wiki-en", max_length=cfg.max_length, batch_size=cfg.batch_size,
                    max_documents=cfg.train_documents, val_documents=cfg.val_documents),
@@ -88,11 +87,8 @@ def _heal(cfg: HealConfig, student: Path, losses: list[LossSpec], out: Path) -> 
         OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup),
         TrainConfig(max_steps=cfg.steps, checkpoint_every=max(cfg.steps // 4, 1),
                     val_every=max(cfg.steps // 4, 1), threads=cfg.threads),
-        out, resume=resume,
+        out,
     )
-    if summary["interrupted"]:
-        raise KeyboardInterrupt(f"healing interrupted; run the recipe again to continue {out}")
-    return summary
 
 
 def _bpb(model, tokenizer, texts: list[str]) -> dict:

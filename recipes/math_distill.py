@@ -21,7 +21,7 @@ from ctd.evaluate import gsm_accuracy
 from ctd.io import Stages
 from ctd.losses.combine import LossSpec
 from ctd.report import console, markdown_table, plot_bars, plot_curves
-from ctd.train import ModelsConfig, OptimConfig, TrainConfig, distill
+from ctd.train import ModelsConfig, OptimConfig, TrainConfig, distill_step
 from ctd.zoo import load_model, load_tokenizer
 
 
@@ -53,8 +53,7 @@ class MathConfig:
 
 
 def _train(cfg: MathConfig, losses: list[LossSpec], out: Path) -> dict:
-    resume = (out / "checkpoints" / "last.ckpt").exists()
-    summary = distill(
+    return distill_step(
         ModelsConfig(teacher=cfg.teacher, student=cfg.student),
         DataConfig(corpus="gsm-symbolic", max_length=cfg.max_length, batch_size=cfg.batch_size,
                    max_documents=cfg.train_problems, val_documents=16),
@@ -62,11 +61,8 @@ def _train(cfg: MathConfig, losses: list[LossSpec], out: Path) -> dict:
         OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup),
         TrainConfig(max_steps=cfg.steps, checkpoint_every=max(cfg.steps // 4, 1),
                     val_every=max(cfg.steps // 2, 1), threads=cfg.threads),
-        out, resume=resume,
+        out,
     )
-    if summary["interrupted"]:
-        raise KeyboardInterrupt(f"training interrupted; run the recipe again to continue {out}")
-    return summary
 
 
 def _accuracy(model: str, test: list[dict], shots: list[dict], max_new_tokens: int) -> dict:
