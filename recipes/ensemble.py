@@ -25,6 +25,8 @@ class EnsembleConfig:
     """The ensemble recipe. Args:
         partner: the model that already uses the shared tokenizer (it is also the OMP donor).
         heal: how the other model is moved and healed (its `tokenizer` must be `partner`).
+        moved: an already moved and healed model on the partner's tokenizer (e.g. the heal
+            recipe's `healed-alm/model`); when given, the heal step is skipped.
         mode: average probabilities or logits.
         eval_bytes: bpb on this many bytes of wiki-en test; gsm_problems: gsm-symbolic test items.
     """
@@ -32,6 +34,7 @@ class EnsembleConfig:
     partner: str = "smollm2-135m"
     heal: HealConfig = field(default_factory=lambda: HealConfig(
         compare_clm=False, eval_corpora=["wiki-en"], out=Path("runs/ensemble/heal")))
+    moved: Path | None = None
     mode: Mode = "probs"
     eval_bytes: int = 50_000
     gsm_problems: int = 50
@@ -43,8 +46,10 @@ def run(cfg: EnsembleConfig) -> Path:
     stages = Stages(out, asdict(cfg))
 
     # 1. Move the other family onto the partner's tokenizer and heal it (resumable).
-    heal(cfg.heal)
-    moved = Path(cfg.heal.out).expanduser().resolve() / "healed-alm" / "model"
+    moved = cfg.moved
+    if moved is None:
+        heal(cfg.heal)
+        moved = Path(cfg.heal.out).expanduser().resolve() / "healed-alm" / "model"
 
     # 2. Score each member and the ensemble through the shared tokenizer.
     texts = load_texts("wiki-en", "test", cfg.eval_bytes)
@@ -54,12 +59,12 @@ def run(cfg: EnsembleConfig) -> Path:
                           cfg.mode, rows, shots)
 
     # 3. Report.
-    names = {cfg.partner: cfg.partner, str(moved): f"{cfg.heal.base} (moved, healed)"}
+    names = {cfg.partner: cfg.partner, str(moved): f"{moved} (moved, healed)"}
     results = {names.get(k, k): v for k, v in results.items()}
     plot_bars({"wiki-en bpb": {n: r["bpb"] for n, r in results.items()}}, "bits per byte",
               out / "bpb.png")
     text = "\n".join([
-        f"# Ensemble of {cfg.partner} and {cfg.heal.base} on {cfg.partner}'s tokenizer",
+        f"# Ensemble of {cfg.partner} and {names[str(moved)]} on {cfg.partner}'s tokenizer",
         "",
         f"wiki-en test, first {cfg.eval_bytes:,} bytes; {cfg.gsm_problems} gsm-symbolic test "
         f"problems (1-shot, greedy); mode `{cfg.mode}`.",
