@@ -74,7 +74,7 @@ def demo_config(out: Path = Path("runs/demo")) -> HealConfig:
     corpora = ["wiki-en"] + (["python-docs"] if _PYTHON_DOCS.is_dir() else [])
     return HealConfig(steps=40, batch_size=4, max_length=128, lr=1e-4, warmup=4,
                       train_documents=2000, val_documents=16, eval_corpora=corpora,
-                      eval_bytes=20_000, prompts=PROMPTS[:2], out=out)
+                      eval_bytes=10_000, prompts=PROMPTS[:2], out=out)
 
 
 def _heal(cfg: HealConfig, student: Path, losses: list[LossSpec], out: Path) -> dict:
