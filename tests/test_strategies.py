@@ -45,7 +45,24 @@ class FirstGradient(pl.Callback):
                         if p.grad is not None}, self.path)
 
 
-def _first_gradient(root: Path, out: Path, batch: int, accumulate: int = 1, **trainer) -> dict:
+class FirstFullGradient(FirstGradient):
+    """The same under DeepSpeed, whose ZeRO partitions hold the gradients (not p.grad)."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        from deepspeed.utils import safe_get_full_grad
+
+        if trainer.global_step != 0:
+            return
+        try:  # the engine hands gradients out only at the accumulation boundary
+            grads = {n: safe_get_full_grad(p).clone()
+                     for n, p in pl_module.student.named_parameters()}
+        except ValueError:
+            return
+        torch.save(grads, self.path)
+
+
+def _first_gradient(root: Path, out: Path, batch: int, accumulate: int = 1,
+                    record: type[FirstGradient] = FirstGradient, **trainer) -> dict:
     t_tok, s_tok = load_tokenizer(root / "teacher"), load_tokenizer(root / "student")
     data = DataConfig(corpus=str(root / "corpus.txt"), max_length=48, batch_size=batch,
                       max_documents=16)
@@ -56,7 +73,7 @@ def _first_gradient(root: Path, out: Path, batch: int, accumulate: int = 1, **tr
     pl.Trainer(max_steps=1, accumulate_grad_batches=accumulate, accelerator="cpu",
                use_distributed_sampler=False, logger=False, enable_checkpointing=False,
                enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-               callbacks=[FirstGradient(out)], **trainer,
+               callbacks=[record(out)], **trainer,
                ).fit(module, datamodule=DistillData(t_tok, s_tok, data, accumulate))
     return torch.load(out)
 
@@ -105,3 +122,14 @@ def test_deepspeed_stage2_trains_and_exports(zoo_dir, tmp_path, no_shm_compile):
     summary = distill(**cfg, out=tmp_path / "ds", strategy=strategy)
     assert summary["steps"] == 3 and Path(summary["checkpoint"]).is_dir()
     AutoModelForCausalLM.from_pretrained(summary["export"])
+
+
+def test_deepspeed_accumulation_gives_the_big_batch_gradient(zoo_dir, tmp_path,  # noqa: F811
+                                                             no_shm_compile):
+    """DeepSpeed divides by the accumulation steps once more than plain Lightning does
+    (ctd.strategies.loss_scale): the gradient it steps on must still be the big batch's."""
+    big = _first_gradient(zoo_dir, tmp_path / "big.pt", batch=4)
+    strategy = CPUDeepSpeedStrategy(config=deepspeed_config(CONFIGS / "zero2.json"))
+    ds = _first_gradient(zoo_dir, tmp_path / "ds.pt", batch=2, accumulate=2,
+                         record=FirstFullGradient, strategy=strategy)
+    _assert_close(big, ds)
