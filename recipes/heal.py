@@ -54,7 +54,7 @@ class HealConfig:
     steps: int = 300
     batch_size: int = 8
     max_length: int = 256
-    lr: float = 5e-5
+    lr: float = 1e-5
     warmup: int = 20
     train_documents: int | None = None
     val_documents: int = 32
@@ -72,7 +72,7 @@ def demo_config(out: Path = Path("runs/demo")) -> HealConfig:
     from ctd.corpora import _PYTHON_DOCS
 
     corpora = ["wiki-en"] + (["python-docs"] if _PYTHON_DOCS.is_dir() else [])
-    return HealConfig(steps=40, batch_size=4, max_length=128, lr=1e-4, warmup=4,
+    return HealConfig(steps=40, batch_size=4, max_length=128, lr=1e-5, warmup=4,
                       train_documents=2000, val_documents=16, eval_corpora=corpora,
                       eval_bytes=10_000, prompts=PROMPTS[:2], out=out)
 
