@@ -102,6 +102,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--align-mb", type=float, default=4.0)
+    parser.add_argument("--cases", nargs="+", default=CASES, choices=CASES,
+                        help="loss cases to time (ce_plain, teacher_forward and alm+clm are "
+                             "needed for the targets)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
@@ -112,7 +115,7 @@ def main() -> None:
     report = {"aligner": bench_aligner(args.align_mb), "losses": {},
               "shape": {"B": B, "T": T, "V": V, "H": args.hidden},
               "torch_threads": torch.get_num_threads()}
-    for case in CASES:
+    for case in args.cases:
         out = subprocess.run([sys.executable, __file__, "--case", case, "--hidden", str(args.hidden)],
                              capture_output=True, text=True, check=True)
         report["losses"][case] = json.loads(out.stdout.strip().splitlines()[-1])
