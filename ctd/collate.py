@@ -63,6 +63,11 @@ class AlignedCollator:
         return out
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        return pad(self.rows(examples), self.teacher_start, self.student_start)
+
+    def rows(self, examples: list[dict]) -> list[dict[str, np.ndarray | int]]:
+        """Tokenize and align each example: its kept token ids and chunk ids per side, and its
+        counts (the slow part; `ctd.data` runs it once per corpus in a cached `datasets.map`)."""
         tt, st = self.teacher_tokenizer, self.student_tokenizer
         prompts = [common_text(ex.get("prompt", ""), tt, st) for ex in examples]
         texts = [
@@ -70,49 +75,17 @@ class AlignedCollator:
             for p, ex in zip(prompts, examples, strict=True)
         ]
         enc_t, enc_s = self._encode(tt, texts), self._encode(st, texts)
-        n = len(examples)
         rows = []
-        for b in range(n):
-            et, es = enc_t[b], enc_s[b]
+        for et, es, prompt in zip(enc_t, enc_s, prompts, strict=True):
             if et is None or es is None:
                 et = es = _EMPTY
-            rows.append(self._row(et, es, len(prompts[b].encode())))
-
-        width_t = 1 + max(len(r[0]) for r in rows)
-        width_s = 1 + max(len(r[2]) for r in rows)
-        t_ids = np.zeros((n, width_t), np.int64)
-        s_ids = np.zeros((n, width_s), np.int64)
-        t_chunk = np.full((n, width_t), -1, np.int64)
-        s_chunk = np.full((n, width_s), -1, np.int64)
-        t_mask = np.zeros((n, width_t), np.int64)
-        s_mask = np.zeros((n, width_s), np.int64)
-        counts = np.zeros((4, n), np.int64)  # num_chunks, num_bytes, dropped, truncated chunks
-        for b, (ti, tc, si, sc, cnt) in enumerate(rows):
-            t_ids[b, 0], s_ids[b, 0] = self.teacher_start, self.student_start
-            t_ids[b, 1 : 1 + len(ti)], t_chunk[b, 1 : 1 + len(ti)] = ti, tc
-            s_ids[b, 1 : 1 + len(si)], s_chunk[b, 1 : 1 + len(si)] = si, sc
-            t_mask[b, : 1 + len(ti)] = 1
-            s_mask[b, : 1 + len(si)] = 1
-            counts[:, b] = cnt
-        self.stats["examples"] += n
-        self.stats["chunks"] += int(counts[0].sum())
-        self.stats["bytes"] += int(counts[1].sum())
-        self.stats["dropped_chunks"] += int(counts[2].sum())
-        self.stats["truncated_chunks"] += int(counts[3].sum())
-        self.stats["truncated_examples"] += int((counts[3] > 0).sum())
-        self.stats["empty_examples"] += int((counts[0] == 0).sum())
-        return {
-            "teacher_input_ids": torch.from_numpy(t_ids),
-            "teacher_attention_mask": torch.from_numpy(t_mask),
-            "student_input_ids": torch.from_numpy(s_ids),
-            "student_attention_mask": torch.from_numpy(s_mask),
-            "teacher_chunk_ids": torch.from_numpy(t_chunk),
-            "student_chunk_ids": torch.from_numpy(s_chunk),
-            "student_loss_mask": torch.from_numpy(s_chunk >= 0),
-            "num_chunks": torch.from_numpy(counts[0].copy()),
-            "num_bytes": torch.from_numpy(counts[1].copy()),
-            "dropped_chunks": torch.from_numpy(counts[2].copy()),
-        }
+            rows.append(self._row(et, es, len(prompt.encode())))
+        self.stats["examples"] += len(rows)
+        for key in ("num_chunks", "num_bytes", "dropped_chunks", "truncated_chunks"):
+            self.stats[key.removeprefix("num_")] += sum(r[key] for r in rows)
+        self.stats["truncated_examples"] += sum(r["truncated_chunks"] > 0 for r in rows)
+        self.stats["empty_examples"] += sum(r["num_chunks"] == 0 for r in rows)
+        return rows
 
     def _row(self, et: Encoded, es: Encoded, prompt_bytes: int):
         """One example: kept token ids and response chunk ids per side, and its counts."""
@@ -135,10 +108,42 @@ class AlignedCollator:
 
         num = max(keep - first_scored, 0)
         scored_from = int(ends[first_scored - 1]) if first_scored else 0
-        scored_bytes = int(ends[-1]) - scored_from if num else 0
-        counts = (num, scored_bytes, int(straddles), al.num_chunks - keep)
-        return (
-            et.ids[:n_t], relabel(al.teacher[:n_t]),
-            es.ids[:n_s], relabel(al.student[:n_s]),
-            counts,
-        )
+        return {
+            "teacher_ids": et.ids[:n_t], "teacher_chunks": relabel(al.teacher[:n_t]),
+            "student_ids": es.ids[:n_s], "student_chunks": relabel(al.student[:n_s]),
+            "num_chunks": num, "num_bytes": int(ends[-1]) - scored_from if num else 0,
+            "dropped_chunks": int(straddles), "truncated_chunks": al.num_chunks - keep,
+        }
+
+
+def pad(rows: list[dict], teacher_start: int, student_start: int) -> dict[str, torch.Tensor]:
+    """Aligned rows (`AlignedCollator.rows`) -> the padded batch, doc-start token first on both
+    sides. Cheap: what DataLoader workers do per batch once the rows are cached."""
+    n = len(rows)
+    width_t = 1 + max(len(r["teacher_ids"]) for r in rows)
+    width_s = 1 + max(len(r["student_ids"]) for r in rows)
+    t_ids = np.zeros((n, width_t), np.int64)
+    s_ids = np.zeros((n, width_s), np.int64)
+    t_chunk = np.full((n, width_t), -1, np.int64)
+    s_chunk = np.full((n, width_s), -1, np.int64)
+    t_mask = np.zeros((n, width_t), np.int64)
+    s_mask = np.zeros((n, width_s), np.int64)
+    for b, r in enumerate(rows):
+        lt, ls = len(r["teacher_ids"]), len(r["student_ids"])
+        t_ids[b, 0], s_ids[b, 0] = teacher_start, student_start
+        t_ids[b, 1 : 1 + lt], t_chunk[b, 1 : 1 + lt] = r["teacher_ids"], r["teacher_chunks"]
+        s_ids[b, 1 : 1 + ls], s_chunk[b, 1 : 1 + ls] = r["student_ids"], r["student_chunks"]
+        t_mask[b, : 1 + lt] = 1
+        s_mask[b, : 1 + ls] = 1
+    counts = {k: torch.tensor([int(r[k]) for r in rows])
+              for k in ("num_chunks", "num_bytes", "dropped_chunks")}
+    return {
+        "teacher_input_ids": torch.from_numpy(t_ids),
+        "teacher_attention_mask": torch.from_numpy(t_mask),
+        "student_input_ids": torch.from_numpy(s_ids),
+        "student_attention_mask": torch.from_numpy(s_mask),
+        "teacher_chunk_ids": torch.from_numpy(t_chunk),
+        "student_chunk_ids": torch.from_numpy(s_chunk),
+        "student_loss_mask": torch.from_numpy(s_chunk >= 0),
+        **counts,
+    }

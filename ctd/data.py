@@ -1,11 +1,13 @@
 """Corpora -> aligned teacher/student batches, laid out so every optimizer step is known ahead.
 
+Tokenizing both sides and aligning is the slow part of the input pipeline (HF tokenization runs
+at a few MB/s per side on a CPU core), so it runs once per corpus, tokenizer pair and
+max_length, in a cached `datasets.map` (`aligned_rows`); DataLoader workers then only pad.
+
 Exact global normalisation: ALM divides by the non-empty chunks of the GLOBAL batch (all
-accumulation micro-batches on all data-parallel ranks), CLM by its loss tokens. Both counts
-depend only on the text (the collator cuts each example independently), so they are computed
-once per example (a cached `datasets.map`) and the sampler, which lays out each optimizer
-step's global batch itself, attaches the step's totals to every micro-batch it yields. No
-communication is needed, and the collate step re-checks the counts it sees.
+accumulation micro-batches on all data-parallel ranks), CLM by its loss tokens. Both counts are
+columns of the aligned rows, so the sampler, which lays out each optimizer step's global batch
+itself, attaches the step's totals to every micro-batch it yields. No communication is needed.
 
 Resume: the order is a pure function of (seed, epoch, step), so a resumed run skips the
 optimizer steps already taken in its epoch and sees exactly the batches it would have seen.
@@ -25,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import ctd
-from ctd.collate import AlignedCollator
+from ctd.collate import AlignedCollator, pad
 from ctd.corpora import SampleBy, load_corpus
 from ctd.errors import CtdError
 from ctd.zoo import cache_dir
@@ -49,7 +51,7 @@ class DataConfig:
         val_batch_size: examples per validation batch.
         max_documents: use only the first this many training documents.
         val_documents: validation documents (the first ones of the split).
-        num_workers: DataLoader worker processes (alignment runs there).
+        num_workers: processes for the one-time tokenize-and-align map and DataLoader workers.
         seed: shuffling seed; the order is a function of (seed, epoch) only.
     """
 
@@ -114,41 +116,42 @@ def _example(row: dict) -> dict:
     return {k: row[k] for k in ("prompt", "response")} if "prompt" in row else {"text": row["text"]}
 
 
-class _Examples(Dataset):
-    """A datasets.Dataset read one example at a time (keys may carry step totals)."""
+class _Rows(Dataset):
+    """Aligned rows read one at a time; a key may carry its step's global totals."""
 
-    def __init__(self, ds: datasets.Dataset, counts: np.ndarray | None = None):
-        self.ds, self.counts = ds, counts
-        self.fields = [f for f in _FIELDS if f in ds.column_names]
+    def __init__(self, ds: datasets.Dataset):
+        self.ds = ds.with_format("numpy")
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def __getitem__(self, key):
-        index, *totals = key if isinstance(key, tuple) else (key,)
-        row = self.ds[index]
-        ex = _example({f: row[f] for f in self.fields})
-        if totals:
-            ex["_step"] = (*totals, *self.counts[index])
-        return ex
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list) -> list[dict]:
+        """A whole batch in one read (DataLoader calls this): far cheaper than row by row."""
+        keys = [k if isinstance(k, tuple) else (k,) for k in keys]
+        cols = self.ds[[int(k[0]) for k in keys]]
+        rows = [{name: col[i] for name, col in cols.items()} for i in range(len(keys))]
+        for row, (_, *totals) in zip(rows, keys, strict=True):
+            if totals:
+                row["_step"] = totals
+        return rows
 
 
 class StepCollator:
-    """AlignedCollator plus the step's global counts (`global_chunks`, `global_tokens`)."""
+    """Pads aligned rows; training batches also get the step's global counts
+    (`global_chunks`, `global_tokens`)."""
 
-    def __init__(self, collator: AlignedCollator):
-        self.collator = collator
+    def __init__(self, teacher_start: int, student_start: int):
+        self.teacher_start, self.student_start = teacher_start, student_start
 
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        steps = [ex.pop("_step") for ex in examples]
-        batch = self.collator(examples)
-        chunks, tokens, *_ = steps[0]
-        expected = np.asarray([s[2:] for s in steps]).sum(0)
-        seen = (int(batch["num_chunks"].sum()), int(batch["student_loss_mask"].sum()))
-        if tuple(expected) != seen:
-            raise RuntimeError(f"cached counts {tuple(expected)} != collated {seen}: stale cache")
-        batch["global_chunks"] = torch.tensor(chunks)
-        batch["global_tokens"] = torch.tensor(tokens)
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        steps = [row.pop("_step", None) for row in rows]
+        batch = pad(rows, self.teacher_start, self.student_start)
+        if steps[0] is not None:
+            batch["global_chunks"] = torch.tensor(steps[0][0])
+            batch["global_tokens"] = torch.tensor(steps[0][1])
         return batch
 
 
@@ -169,23 +172,35 @@ def _code_key() -> str:
     return _fingerprint(*((root / f).read_bytes() for f in ("collate.py", "align.py", "tokens.py")))
 
 
-def example_counts(ds: datasets.Dataset, collator: AlignedCollator) -> np.ndarray:
-    """[N, 2] int64: (non-empty chunks, student loss tokens) per example, cached on disk."""
+def aligned_rows(ds: datasets.Dataset, collator: AlignedCollator, num_proc: int | None = None
+                 ) -> datasets.Dataset:
+    """Every example tokenized on both sides and aligned (`AlignedCollator.rows`), cached on
+    disk: columns teacher_ids, teacher_chunks, student_ids, student_chunks, num_chunks,
+    num_bytes, dropped_chunks, truncated_chunks, loss_tokens."""
     key = _fingerprint(ds._fingerprint, _tokenizer_key(collator.teacher_tokenizer),
                        _tokenizer_key(collator.student_tokenizer), collator.max_length, _code_key())
-    path = cache_dir() / "data" / f"counts-{key}.arrow"
+    path = cache_dir() / "data" / f"aligned-{key}.arrow"
     path.parent.mkdir(parents=True, exist_ok=True)
     fields = [f for f in _FIELDS if f in ds.column_names]
 
-    def count(rows: dict) -> dict:
-        n = len(rows[fields[0]])
-        batch = collator([_example({f: rows[f][i] for f in fields}) for i in range(n)])
-        return {"num_chunks": batch["num_chunks"].tolist(),
-                "loss_tokens": batch["student_loss_mask"].sum(1).tolist()}
+    def rows(batch: dict) -> dict:
+        n = len(batch[fields[0]])
+        out = collator.rows([_example({f: batch[f][i] for f in fields}) for i in range(n)])
+        cols = {k: [r[k] for r in out] for k in _ROW_FEATURES if k != "loss_tokens"}
+        cols["loss_tokens"] = [int((r["student_chunks"] >= 0).sum()) for r in out]
+        return cols
 
-    out = ds.map(count, batched=True, batch_size=64, remove_columns=ds.column_names,
-                 cache_file_name=str(path), new_fingerprint=key, desc="aligning")
-    return np.stack([np.asarray(out["num_chunks"]), np.asarray(out["loss_tokens"])], 1)
+    return ds.map(rows, batched=True, batch_size=64, remove_columns=ds.column_names,
+                  features=_ROW_FEATURES, cache_file_name=str(path), new_fingerprint=key,
+                  num_proc=num_proc, desc="tokenizing and aligning")
+
+
+_ROW_FEATURES = datasets.Features(
+    {k: datasets.Sequence(datasets.Value("int32"))
+     for k in ("teacher_ids", "teacher_chunks", "student_ids", "student_chunks")}
+    | {k: datasets.Value("int64") for k in ("num_chunks", "num_bytes", "dropped_chunks",
+                                             "truncated_chunks", "loss_tokens")}
+)
 
 
 class DistillData(pl.LightningDataModule):
@@ -204,14 +219,25 @@ class DistillData(pl.LightningDataModule):
             train = load_corpus(c.corpus, "train", c.text_field, c.sample_by)
             if c.max_documents is not None:
                 train = train.select(range(min(c.max_documents, len(train))))
-            self.counts = example_counts(train, self.collator)
-            self.train_ds = train
+            self.train_ds = self._aligned(train, "train")
+            self.counts = np.stack([self.train_ds["num_chunks"], self.train_ds["loss_tokens"]], 1)
             val = load_corpus(c.val_corpus or c.corpus, "validation" if c.val_corpus is None
                               else "all", c.text_field, c.sample_by)
-            self.val_ds = val.select(range(min(c.val_documents, len(val))))
+            self.val_ds = self._aligned(val.select(range(min(c.val_documents, len(val)))), "val")
 
-    def _loader(self, ds: Dataset, **kwargs) -> DataLoader:
-        return DataLoader(ds, num_workers=self.config.num_workers,
+    def _aligned(self, ds: datasets.Dataset, name: str) -> datasets.Dataset:
+        """Aligned rows of a split, with what the alignment dropped or cut logged once."""
+        rows = aligned_rows(ds, self.collator, self.config.num_workers or None)
+        cut = np.asarray(rows["truncated_chunks"])
+        log.info("%s: %d examples, %d chunks, %d empty, %d truncated (%d chunks cut), "
+                 "%d chunks dropped at a prompt/response boundary", name, len(rows),
+                 int(np.sum(rows["num_chunks"])), int(np.sum(np.asarray(rows["num_chunks"]) == 0)),
+                 int((cut > 0).sum()), int(cut.sum()), int(np.sum(rows["dropped_chunks"])))
+        return rows
+
+    def _loader(self, ds: datasets.Dataset, **kwargs) -> DataLoader:
+        collate = StepCollator(self.collator.teacher_start, self.collator.student_start)
+        return DataLoader(_Rows(ds), num_workers=self.config.num_workers, collate_fn=collate,
                           persistent_workers=self.config.num_workers > 0, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
@@ -220,12 +246,10 @@ class DistillData(pl.LightningDataModule):
                               t.world_size if t else 1, t.global_rank if t else 0, self.config.seed)
         if t is not None:
             sampler.resume_at(t.global_step)
-        return self._loader(_Examples(self.train_ds, self.counts), batch_sampler=sampler,
-                            collate_fn=StepCollator(self.collator))
+        return self._loader(self.train_ds, batch_sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         t = self.trainer
         rank, world = (t.global_rank, t.world_size) if t else (0, 1)
         shard = self.val_ds.select(range(rank, len(self.val_ds), world))
-        return self._loader(_Examples(shard), batch_size=self.config.val_batch_size,
-                            collate_fn=self.collator)
+        return self._loader(shard, batch_size=self.config.val_batch_size)
