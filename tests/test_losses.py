@@ -10,7 +10,7 @@ from ctd.collate import AlignedCollator
 from ctd.errors import CtdError
 from ctd.losses import DistillObjective, LossSpec, hidden_states, output_head
 from ctd.losses.alm import DISTANCES, alm_loss, chunk_last, chunk_sum, merge_chunks
-from ctd.losses.logprobs import token_logprobs
+from ctd.losses.logprobs import _LogitStats, token_logprobs
 from ctd.losses.uld import uld_loss
 from tests.test_align import llama_spm_tok  # noqa: F401 (a fixture)
 from tests.tiny import tiny_model
@@ -88,17 +88,28 @@ def test_chunked_logprobs_equal_unchunked():
     ids = torch.randint(0, 37, (3, 11))
     words = torch.rand(37) < 0.4
     capped = lambda h: torch.tanh(head(h) / 5.0) * 5.0  # noqa: E731 (Gemma-2 soft-capping)
+    u, v = torch.randn(3, 11, dtype=torch.float64), torch.randn(3, 11, dtype=torch.float64)
     for fn in (head, capped):
         logp = fn(hidden).log_softmax(-1)
         want_lp = torch.nn.functional.pad(logp[:, :-1].gather(2, ids[:, 1:, None])[..., 0], (1, 0))
         want_bnd = logp.masked_fill(~words, float("-inf")).logsumexp(-1)
-        (gw,) = torch.autograd.grad(want_lp.sum() + want_bnd.sum(), hidden)
+        (gw,) = torch.autograd.grad((u * want_lp).sum() + (v * want_bnd).sum(), hidden,
+                                    retain_graph=True)
+        (gw_lp,) = torch.autograd.grad((u * want_lp).sum(), hidden)
         for chunk in (1, 4, 1000):
             lp, bnd = token_logprobs(hidden, fn, ids, words, chunk=chunk)
-            (g,) = torch.autograd.grad(lp.sum() + bnd.sum(), hidden)
+            (g,) = torch.autograd.grad((u * lp).sum() + (v * bnd).sum(), hidden)
             torch.testing.assert_close(lp, want_lp)
             torch.testing.assert_close(bnd, want_bnd)
             torch.testing.assert_close(g, gw)
+            lp, none = token_logprobs(hidden, fn, ids, None, chunk=chunk)
+            (g,) = torch.autograd.grad((u * lp).sum(), hidden)
+            assert none is None
+            torch.testing.assert_close(lp, want_lp)
+            torch.testing.assert_close(g, gw_lp)
+    logits = torch.randn(5, 37, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 37, (5, 1))
+    assert torch.autograd.gradcheck(lambda z: _LogitStats.apply(z, target, words), (logits,))
 
 
 def test_uld_matches_direct_implementation():
