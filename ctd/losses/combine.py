@@ -18,7 +18,7 @@ from torch import Tensor
 from ctd.errors import CtdError
 from ctd.losses.alm import DISTANCES, alm_hidden_loss, alm_loss
 from ctd.losses.clm import clm_loss
-from ctd.losses.kd import kd_shared_loss, shared_vocab
+from ctd.losses.kd import Mapping, kd_shared_loss, vocab_map
 from ctd.losses.logprobs import chunk_rows, token_logprobs, word_start_mask
 from ctd.losses.uld import uld_loss
 
@@ -45,6 +45,7 @@ class LossSpec:
     merge_by_space_prob: bool = True
     gamma: float = 0.1
     append_space: bool = True
+    mapping: Mapping = "min_edit"  # kd_shared: teacher -> student tokens (ctd.losses.kd)
 
     def __post_init__(self):
         if self.name not in LOSSES:
@@ -83,10 +84,8 @@ class DistillObjective:
         self.student_boundary = any(s.append_space for s in alms)
         self.teacher_chunk = chunk_rows(len(teacher_tokenizer))
         self.student_chunk = chunk_rows(len(student_tokenizer))
-        self.shared = (
-            shared_vocab(teacher_tokenizer, student_tokenizer)
-            if any(s.name == "kd_shared" for s in self.specs) else None
-        )
+        self.maps = {s.mapping: vocab_map(teacher_tokenizer, student_tokenizer, s.mapping)
+                     for s in self.specs if s.name == "kd_shared"}
 
     def __call__(
         self,
@@ -131,7 +130,7 @@ class DistillObjective:
             if spec.name == "kd_shared":
                 return kd_shared_loss(
                     teacher_hidden, student_hidden, teacher_head, student_head,
-                    t_chunks, s_chunks, self.shared, self.student_chunk,
+                    t_chunks, s_chunks, self.maps[spec.mapping], self.student_chunk,
                 )
             return uld_loss(
                 teacher_hidden, student_hidden, teacher_head, student_head,
