@@ -225,6 +225,9 @@ def transplant(
     donor: str | None = None,
     fast: bool = False,
     overwrite: bool = False,
+    vectors: Path | None = None,
+    target_vectors: Path | None = None,
+    dictionary: Path | None = None,
 ) -> None:
     """Move a model onto a new tokenizer without training (OMP by default) and write an HF
     directory with `transplant_report.json`.
@@ -233,16 +236,21 @@ def transplant(
         base: the model whose body is kept.
         tokenizer: the new tokenizer; when it names a model, that model is the donor.
         out: output directory (never replaced without --overwrite).
-        method: omp, fvt, mean, zero, random, knn, focus-donor, tokenadapt-hybrid.
-        k: atoms per token for omp (64), neighbours for knn (8).
+        method: omp, fvt, mean, zero, random, knn, focus-donor, tokenadapt-hybrid, wechsel.
+        k: atoms per token for omp (64), neighbours for knn (8) and wechsel (10).
         donor: a model that uses the new tokenizer (omp, knn, focus-donor, tokenadapt-hybrid).
         fast: OMP fast mode (full-dictionary correlations every 8 steps instead of every step).
         overwrite: replace an existing output directory.
+        vectors: wechsel: word vectors of the base model's language (fastText .vec text).
+        target_vectors: wechsel: word vectors of the new tokenizer's language, if another.
+        dictionary: wechsel: "source_word target_word" lines aligning the two.
     """
     from ctd.report import console
     from ctd.transplant.run import transplant as run
+    from ctd.transplant.wechsel import WechselResources
 
-    report = run(base, tokenizer, out, method, k, donor, fast, overwrite)
+    resources = WechselResources(vectors, target_vectors, dictionary) if vectors else None
+    report = run(base, tokenizer, out, method, k, donor, fast, overwrite, wechsel=resources)
     v, t = report["vocab"], report["timings"]
     console().print(f"{v['shared']:,} shared tokens copied, {v['approximated']:,} approximated "
                     f"with {method} in {t['method_s']:.1f} s; wrote {report['out']}")

@@ -18,6 +18,7 @@ from ctd.transplant.methods import METHODS, NEEDS_RESOURCE
 from ctd.transplant.omp import omp
 from ctd.transplant.run import transplant, transplant_model
 from ctd.transplant.vocab import match_vocab, require_shared
+from ctd.transplant.wechsel import WechselResources, procrustes
 from tests.tiny import tiny_model
 
 
@@ -87,6 +88,25 @@ def match(gemma_tok, smol_tok):
     return match_vocab(gemma_tok, smol_tok)
 
 
+def _write_vec(path, words, vectors, header=True):
+    lines = [f"{len(words)} {vectors.shape[1]}"] if header else []
+    lines += [w + " " + " ".join(f"{x:.6f}" for x in v) for w, v in zip(words, vectors, strict=True)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def word_vectors(tmp_path_factory):
+    """Random vectors for the words of a wiki-en sample (fastText .vec text format)."""
+    from ctd.corpora import load_texts
+
+    text = " ".join(load_texts("wiki-en", split="validation", max_bytes=200_000))
+    words = list(dict.fromkeys(w.strip(".,;:()\"'") for w in text.split()))
+    words = [w for w in words if w][:5000]
+    vectors = np.random.default_rng(0).standard_normal((len(words), 16)).astype(np.float32)
+    return words, vectors, _write_vec(tmp_path_factory.mktemp("vec") / "en.vec", words, vectors)
+
+
 def _check_rows(report, before_in, before_out, model, match, smol_tok):
     shared = match.shared_ids
     new_in = model.get_input_embeddings().weight
@@ -104,15 +124,18 @@ def _check_rows(report, before_in, before_out, model, match, smol_tok):
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m not in NEEDS_RESOURCE])
 def test_every_method_on_tiny_untied_model(method, gemma_untied, smol_donor, gemma_tok, smol_tok,
-                                           match):
+                                           match, word_vectors):
     model = copy.deepcopy(gemma_untied)
     before_in = model.get_input_embeddings().weight.detach().clone()
     before_out = model.get_output_embeddings().weight.detach().clone()
-    report = transplant_model(model, gemma_tok, smol_tok, method, k=2, donor=smol_donor)
+    report = transplant_model(model, gemma_tok, smol_tok, method, k=2, donor=smol_donor,
+                              wechsel=WechselResources(word_vectors[2]))
     _check_rows(report, before_in, before_out, model, match, smol_tok)
     assert set(report["sides"]) == {"input", "output"}
     if method in ("zero", "mean", "random"):
         assert report["sides"]["input"]["fallback"] == report["vocab"]["approximated"]
+    elif method == "wechsel":  # 5,000 words cover only part of the new vocabulary
+        assert 100 < report["vocab"]["approximated"] - report["sides"]["input"]["fallback"]
     else:
         assert report["sides"]["input"]["fallback"] < report["vocab"]["approximated"] // 10
     if method == "omp":
@@ -178,7 +201,12 @@ def test_bad_inputs_one_line_exit_2_nothing_written(dirs, capsys, tmp_path):
         (["--out", str(tmp_path / "a"), "--tokenizer", str(dirs / "tok-only")], "--method fvt"),
         (["--out", str(tmp_path / "b"), "--donor", base], "different vocabulary"),
         (["--out", str(tmp_path / "c"), "--k", "1000000"], "exceeds the"),
-        (["--out", str(tmp_path / "d"), "--method", "zett"], "cannot be obtained offline"),
+        (["--out", str(tmp_path / "d"), "--method", "zett"], "ZeTT hypernetwork"),
+        (["--out", str(tmp_path / "e"), "--method", "wechsel"], "--vectors FILE.vec"),
+        (["--out", str(tmp_path / "f"), "--method", "wechsel", "--vectors", str(blocker),
+          "--target_vectors", str(blocker)], "both --target_vectors and --dictionary"),
+        (["--out", str(tmp_path / "g"), "--method", "wechsel", "--vectors", str(blocker)],
+         "fastText .vec text format"),
     ]
     for extra, needle in cases:
         args = ["transplant", "--base", base, "--tokenizer", donor, *extra]
@@ -232,3 +260,55 @@ def test_real_pair_fast_omp(gemma_tok, smol_tok, match):
     _check_rows(report, before, None, base, match, smol_tok)
     assert report["sides"]["input"]["relative_residual"]["mean"] < 0.6
     assert bits_per_byte(base, smol_tok) < 1.5 * bpb_before
+
+
+def test_procrustes_recovers_a_rotation():
+    rng = np.random.default_rng(0)
+    src = rng.standard_normal((50, 8))
+    q, _ = np.linalg.qr(rng.standard_normal((8, 8)))
+    np.testing.assert_allclose(src @ q @ procrustes(src, src @ q), src, atol=1e-10)
+
+
+def test_wechsel_rows_and_cross_lingual_alignment(tmp_path, gemma_tok, smol_tok, match,
+                                                  word_vectors):
+    """Each covered row is softmax(cos / 0.1) over its 10 nearest base tokens; target-language
+    vectors that are a rotation of the source ones, with an identity dictionary, give the same
+    rows as the one-language run."""
+    from ctd.transplant.methods import Inputs, method_wechsel
+    from ctd.transplant.wechsel import aligned_vectors, token_vectors
+
+    words, vectors, path = word_vectors
+    one = WechselResources(path)
+    ids, vb = match.new_ids, len(gemma_tok)
+    got = method_wechsel(Inputs(match, gemma_tok, smol_tok, None, 10, wechsel=one), ids, vb)
+    w = got.weights.to_dense()
+    covered = (~got.fallback).nonzero().squeeze(1)
+    assert len(covered) > 100
+    torch.testing.assert_close(w[covered].sum(1), torch.ones(len(covered)))
+    assert (w >= 0).all() and ((w[covered] > 0).sum(1) <= 10).all()
+    # the heaviest base token is the most cosine-similar one in word space
+    _, src, _, _ = aligned_vectors(one)
+    base_vec, base_has = token_vectors(gemma_tok, words, src, vb)
+    new_vec, _ = token_vectors(smol_tok, words, src, int(ids.max()) + 1)
+    special = torch.from_numpy(byte_vocab_special(gemma_tok, vb))
+    for row in covered[:20].tolist():
+        cos = torch.nn.functional.cosine_similarity(new_vec[ids[row]][None], base_vec, dim=1)
+        cos[~base_has | special] = -2
+        assert cos[w[row].argmax()] == pytest.approx(float(cos.max()), abs=1e-3)
+
+    q, _ = np.linalg.qr(np.random.default_rng(1).standard_normal((16, 16)))
+    target = _write_vec(tmp_path / "xx.vec", words, (vectors @ q).astype(np.float32), header=False)
+    (tmp_path / "dict.txt").write_text("\n".join(f"{x} {x}" for x in words))
+    two = WechselResources(path, target, tmp_path / "dict.txt")
+    crossed = method_wechsel(Inputs(match, gemma_tok, smol_tok, None, 10, wechsel=two), ids, vb)
+    assert torch.equal(crossed.fallback, got.fallback)
+    torch.testing.assert_close(crossed.weights.to_dense(), w, atol=1e-4, rtol=1e-3)
+
+
+def byte_vocab_special(tok, size: int) -> np.ndarray:
+    from ctd.tokens import byte_vocab
+
+    out = np.zeros(size, dtype=bool)
+    special = byte_vocab(tok).is_special[:size]
+    out[: len(special)] = special
+    return out

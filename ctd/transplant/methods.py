@@ -15,14 +15,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ctd.errors import CtdError
 from ctd.tokens import byte_vocab
 from ctd.transplant.omp import omp
 from ctd.transplant.vocab import VocabMatch
+from ctd.transplant.wechsel import TEMPERATURE, WechselResources, aligned_vectors, token_vectors
 
 DONOR_METHODS = ("omp", "knn", "focus-donor", "tokenadapt-hybrid")
 METHODS = ("omp", "fvt", "mean", "zero", "random", "knn", "focus-donor", "tokenadapt-hybrid",
            "zett", "wechsel")
-DEFAULT_K = {"omp": 64, "knn": 8}
+DEFAULT_K = {"omp": 64, "knn": 8, "wechsel": 10}
 FAST = {"pool": 64, "refresh": 8}  # the fast OMP mode (quality measured by the benchmark)
 EXACT = {"pool": 32, "refresh": 1}
 
@@ -64,6 +66,7 @@ class Inputs:
     k: int
     fast: bool = False
     on_batch: Callable[[int], None] | None = None
+    wechsel: WechselResources | None = None
 
 
 def _sparse(rows: Tensor, cols: Tensor, vals: Tensor, n: int, vb: int) -> Tensor:
@@ -253,6 +256,26 @@ def method_tokenadapt(inp: Inputs, ids: np.ndarray, vb: int) -> Approximation:
     return Approximation(w, ~(has_local | has_row))
 
 
+def method_wechsel(inp: Inputs, ids: np.ndarray, vb: int) -> Approximation:
+    """softmax(cos / 0.1) over the k base tokens nearest in word-vector space (ctd.transplant.wechsel)."""
+    src_words, src, tgt_words, tgt = aligned_vectors(inp.wechsel)
+    base_vec, base_has = token_vectors(inp.base_tok, src_words, src, vb)
+    new_vec, new_has = token_vectors(inp.new_tok, tgt_words, tgt, int(ids.max()) + 1)
+    special = byte_vocab(inp.base_tok).is_special[:vb]
+    base_has[: len(special)] &= ~torch.from_numpy(special)
+    cand = base_has.nonzero().squeeze(1)
+    if not len(cand):
+        raise CtdError("no base token occurs in any word of --vectors; are they for the base "
+                       "model's language?")
+    has_row = new_has[torch.as_tensor(ids)]
+    sims, idx = _top_similar(new_vec[torch.as_tensor(ids)[has_row]], base_vec[cand],
+                             min(inp.k, len(cand)))
+    w = torch.softmax(sims / TEMPERATURE, dim=1)
+    wts = _expand(_dense_weights(cand[idx], w, vb), has_row, vb)
+    return Approximation(wts, ~has_row, stats={
+        "base_tokens_with_vectors": len(cand), "mean_top_similarity": float(sims[:, 0].mean())})
+
+
 def method_const(fill: str) -> Callable[[Inputs, np.ndarray, int], Approximation]:
     def run(inp: Inputs, ids: np.ndarray, vb: int) -> Approximation:
         a = _no_rows(len(ids))
@@ -270,11 +293,10 @@ RUN: dict[str, Callable[[Inputs, np.ndarray, int], Approximation]] = {
     "knn": method_knn,
     "focus-donor": method_focus,
     "tokenadapt-hybrid": method_tokenadapt,
+    "wechsel": method_wechsel,
 }
 # Methods whose resources cannot be had offline; refused before anything is loaded.
 NEEDS_RESOURCE = {
-    name: f"method '{name}' needs {what}, which cannot be obtained offline and is not supported "
-    "yet; use --method omp (with a donor) or fvt"
-    for name, what in [("zett", "a pretrained ZeTT hypernetwork for the base model"),
-                       ("wechsel", "fastText vectors and a bilingual dictionary")]
+    "zett": "method 'zett' needs a pretrained ZeTT hypernetwork for the base model, which this "
+    "version cannot run; use --method omp (with a donor), fvt, or wechsel (with --vectors)",
 }

@@ -29,6 +29,7 @@ from ctd.transplant.methods import (
     Inputs,
 )
 from ctd.transplant.vocab import match_vocab, require_shared
+from ctd.transplant.wechsel import WechselResources
 from ctd.zoo import ZOO, load_model, load_tokenizer, resolve_tokenizer
 
 
@@ -140,11 +141,17 @@ def analyse(base: str, tokenizer: str, examples: int = 8) -> dict:
                        examples).summary()
 
 
-def _validate(method: str, donor: object) -> None:
+def _validate(method: str, donor: object, wechsel: WechselResources | None = None) -> None:
     if method not in METHODS:
         raise CtdError(f"unknown method '{method}'; choose one of: {', '.join(METHODS)}")
     if method in NEEDS_RESOURCE:
         raise CtdError(NEEDS_RESOURCE[method])
+    if method == "wechsel":
+        if wechsel is None:
+            raise CtdError("method 'wechsel' needs local word vectors: pass --vectors FILE.vec "
+                           "(fastText text format; for another language also --target_vectors "
+                           "and --dictionary); nothing is downloaded")
+        wechsel.check()
     if method in DONOR_METHODS and donor is None:
         raise CtdError(
             f"method '{method}' needs a donor model that uses the target tokenizer; pass "
@@ -161,13 +168,15 @@ def transplant_model(
     donor=None,
     fast: bool = False,
     show_progress: bool = False,
+    wechsel: WechselResources | None = None,
 ) -> dict:
-    """Put a loaded model onto `new_tok` in place; `donor` is a model using `new_tok`.
+    """Put a loaded model onto `new_tok` in place; `donor` is a model using `new_tok`;
+    `wechsel` the word vectors of method wechsel.
 
     Returns the report (vocabulary match, per-matrix statistics, timings).
     """
     t0 = time.perf_counter()
-    _validate(method, donor)
+    _validate(method, donor, wechsel)
     k = k if k is not None else DEFAULT_K.get(method, 0)
     if method in DEFAULT_K and k < 1:
         raise CtdError(f"--k must be at least 1 (got {k})")
@@ -194,7 +203,7 @@ def transplant_model(
             if id(dmat) not in by_donor:
                 task = bar.add_task(f"{method} {side}", total=len(ids), info="")
                 inp = Inputs(match, base_tok, new_tok, dmat, k, fast,
-                             on_batch=lambda n, task=task: bar.advance(task, n))
+                             on_batch=lambda n, task=task: bar.advance(task, n), wechsel=wechsel)
                 by_donor[id(dmat)] = RUN[method](inp, ids, len(matrix))
                 bar.update(task, completed=len(ids))
             approx = by_donor[id(dmat)]
@@ -203,7 +212,8 @@ def transplant_model(
     _install(model, built["input"], built.get("output"), new_tok)
     return {
         "method": method,
-        "params": {"k": k, "fast": fast} if method in DEFAULT_K else {},
+        "params": ({"k": k, "fast": fast} if method in DEFAULT_K else {})
+        | ({k: str(v) for k, v in vars(wechsel).items()} if method == "wechsel" else {}),
         "tied": base_out is None,
         "vocab": match.summary(),
         "sides": stats,
@@ -221,12 +231,13 @@ def transplant(
     fast: bool = False,
     overwrite: bool = False,
     show_progress: bool = True,
+    wechsel: WechselResources | None = None,
 ) -> dict:
     """Transplant `base` onto `tokenizer` and write an HF directory to `out`; returns the report."""
     t0 = time.perf_counter()
     out = check_output(out, overwrite)
     donor = donor or default_donor(tokenizer)
-    _validate(method, donor)
+    _validate(method, donor, wechsel)
     new_tok = load_tokenizer(tokenizer)
     base_tok = load_tokenizer(base)
     byte_vocab(new_tok), byte_vocab(base_tok)  # refuse unsupported tokenizers before loading
@@ -238,7 +249,8 @@ def transplant(
     model = load_model(base)
     t_load = time.perf_counter() - t0
     report = {"base": base, "tokenizer": tokenizer, "donor": donor if donor_model else None}
-    report |= transplant_model(model, base_tok, new_tok, method, k, donor_model, fast, show_progress)
+    report |= transplant_model(model, base_tok, new_tok, method, k, donor_model, fast, show_progress,
+                               wechsel)
     del donor_model
     t = time.perf_counter()
     with atomic_dir(out, overwrite=overwrite) as tmp:
