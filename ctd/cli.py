@@ -119,8 +119,9 @@ def distill(
 
 
 def heal(recipe: HealConfig) -> None:
-    """Recipe: transplant with OMP, heal with ALM self-distillation (and CLM only, to compare),
-    evaluate bpb per domain and greedy continuations; writes report.md and plots.
+    """Recipe: transplant with OMP, then heal it by ALM self-distillation (CLM-only to compare).
+
+    Evaluates bpb per domain and greedy continuations; writes report.md and plots.
     `ctd heal --recipe configs/recipes/heal.yaml [--recipe.steps 100]`; a second run continues
     what is done."""
     from ctd.recipes.heal import run
@@ -145,8 +146,9 @@ def ensemble(
     gsm: int = 0,
     json: Path | None = None,
 ) -> None:
-    """Score models that share a tokenizer, alone and as one ensemble (averaged next-token
-    probabilities, or logits).
+    """Score models that share a tokenizer, alone and as one ensemble.
+
+    The ensemble averages next-token probabilities (or logits).
 
     Args:
         models: two or more models on the same tokenizer (transplant them first).
@@ -172,8 +174,10 @@ def ensemble(
 
 
 def math(recipe: MathConfig) -> None:
-    """Recipe: distill a math teacher (Qwen2.5-Coder-0.5B) into SmolLM2-135M across tokenizers
-    on gsm-symbolic, ALM+SFT against SFT alone; exact-match accuracy report.
+    """Recipe: distill a math teacher into a small student of another family (gsm-symbolic).
+
+    Qwen2.5-Coder-0.5B into SmolLM2-135M across tokenizers, ALM+SFT against SFT alone;
+    exact-match accuracy report.
     `ctd math --recipe configs/recipes/math_distill.yaml`."""
     from ctd.recipes.math_distill import run
 
@@ -181,7 +185,9 @@ def math(recipe: MathConfig) -> None:
 
 
 def ensemble_recipe(recipe: EnsembleConfig) -> None:
-    """Recipe: move Gemma-3-270M onto SmolLM2's tokenizer (transplant + heal), ensemble it with
+    """Recipe: put two families on one tokenizer and ensemble them.
+
+    Gemma-3-270M moved onto SmolLM2's tokenizer (transplant + heal), ensembled with
     SmolLM2-135M; bpb and gsm accuracy of members and ensemble.
     `ctd ensemble-recipe --recipe configs/recipes/ensemble.yaml`."""
     from ctd.recipes.ensemble import run
@@ -190,8 +196,9 @@ def ensemble_recipe(recipe: EnsembleConfig) -> None:
 
 
 def vocab(base: str, tokenizer: str, examples: int = 8, json: Path | None = None) -> None:
-    """Compare two vocabularies by bytes: shared / special / approximated tokens, embedding rows,
-    digit splitting; warnings for what a transplant cannot carry over.
+    """Compare two vocabularies by bytes (what a transplant would carry over).
+
+    Shared / special / approximated tokens, embedding rows, digit splitting, and warnings.
 
     Args:
         base: the model (or tokenizer) whose vocabulary is the starting point.
@@ -229,8 +236,9 @@ def transplant(
     target_vectors: Path | None = None,
     dictionary: Path | None = None,
 ) -> None:
-    """Move a model onto a new tokenizer without training (OMP by default) and write an HF
-    directory with `transplant_report.json`.
+    """Move a model onto a new tokenizer without training (OMP by default).
+
+    Writes an HF directory with `transplant_report.json`.
 
     Args:
         base: the model whose body is kept.
