@@ -22,7 +22,7 @@ from ctd.evaluate import bits_per_byte, greedy_generate
 from ctd.io import Stages
 from ctd.losses.combine import LossSpec
 from ctd.report import console, markdown_table, plot_bars, plot_curves
-from ctd.train import ModelsConfig, OptimConfig, TrainConfig, distill_step
+from ctd.train import ModelsConfig, OptimConfig, Trainable, TrainConfig, distill_step
 from ctd.transplant.run import transplant
 from ctd.zoo import load_model, load_tokenizer
 
@@ -43,6 +43,8 @@ class HealConfig:
             state equally; ALM's gradients are ~tau times smaller, so fixed weights let CLM
             dominate) or "fixed".
         compare_clm: also heal with CLM only, for comparison.
+        train: what the heal trains: "all" weights, only the "embeddings" (input and output;
+            the body that the transplant kept stays as it was), or "lora" adapters.
         threads: torch threads (None = torch's default).
         out: recipe directory (never deleted; a second run continues it).
     """
@@ -62,6 +64,7 @@ class HealConfig:
     eval_bytes: int = 100_000
     balance: str = "grad_norm"
     compare_clm: bool = True
+    train: Trainable = "all"
     prompts: list[str] = field(default_factory=lambda: list(PROMPTS))
     threads: int | None = None
     out: Path = Path("runs/heal")
@@ -80,7 +83,8 @@ def demo_config(out: Path = Path("runs/demo")) -> HealConfig:
 def _heal(cfg: HealConfig, student: Path, losses: list[LossSpec], out: Path) -> dict:
     """One healing arm; continues its last checkpoint if an earlier run was interrupted."""
     return distill_step(
-        ModelsConfig(teacher=cfg.base, student=str(student), teacher_dtype="float32"),
+        ModelsConfig(teacher=cfg.base, student=str(student), teacher_dtype="float32",
+                     train=cfg.train),
         DataConfig(corpus="wiki-en", max_length=cfg.max_length, batch_size=cfg.batch_size,
                    max_documents=cfg.train_documents, val_documents=cfg.val_documents),
         losses, cfg.balance,

@@ -155,3 +155,17 @@ def test_bad_input_is_one_line_exit_2(zoo_dir, tmp_path, smol_tok, capsys):
     code, err = _cli([*base, "--models.teacher_tokenizer", str(tmp_path / "lower")], capsys)
     assert code == 2 and "Lowercase" in err and "\n" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_embeddings_only_training_keeps_the_body(zoo_dir, tmp_path):
+    """train='embeddings' (how a transplant can be healed without touching the body it kept):
+    the exported model differs from the start only in its embedding matrices."""
+    from safetensors.torch import load_file
+
+    cfg = configs(zoo_dir, max_steps=2)
+    cfg["models"].train = "embeddings"
+    summary = distill(**cfg, out=tmp_path / "run")
+    before = load_file(zoo_dir / "student" / "model.safetensors")
+    after = load_file(Path(summary["export"]) / "model.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("embed" in k or "lm_head" in k for k in changed), changed
