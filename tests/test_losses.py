@@ -101,13 +101,13 @@ def test_chunked_logprobs_equal_unchunked():
         (gw,) = torch.autograd.grad((u * want_lp).sum() + (v * want_bnd).sum(), hidden,
                                     retain_graph=True)
         (gw_lp,) = torch.autograd.grad((u * want_lp).sum(), hidden)
-        for chunk in (1, 4, 1000):
-            lp, bnd = token_logprobs(hidden, fn, ids, words, chunk=chunk)
+        for chunk, recompute in ((1, True), (4, False), (1000, True), (1000, False)):
+            lp, bnd = token_logprobs(hidden, fn, ids, words, chunk=chunk, recompute=recompute)
             (g,) = torch.autograd.grad((u * lp).sum() + (v * bnd).sum(), hidden)
             torch.testing.assert_close(lp, want_lp)
             torch.testing.assert_close(bnd, want_bnd)
             torch.testing.assert_close(g, gw)
-            lp, none = token_logprobs(hidden, fn, ids, None, chunk=chunk)
+            lp, none = token_logprobs(hidden, fn, ids, None, chunk=chunk, recompute=recompute)
             (g,) = torch.autograd.grad((u * lp).sum(), hidden)
             assert none is None
             torch.testing.assert_close(lp, want_lp)

@@ -19,7 +19,7 @@ from ctd.errors import CtdError
 from ctd.losses.alm import DISTANCES, alm_hidden_loss, alm_loss
 from ctd.losses.clm import clm_loss
 from ctd.losses.kd import Mapping, kd_shared_loss, vocab_map
-from ctd.losses.logprobs import chunk_rows, token_logprobs, word_start_mask
+from ctd.losses.logprobs import chunk_rows, keeps_exponentials, token_logprobs, word_start_mask
 from ctd.losses.uld import uld_loss
 
 # name -> what it is divided by
@@ -108,6 +108,8 @@ class DistillObjective:
             s_lp, s_bnd = token_logprobs(
                 student_hidden, student_head, batch["student_input_ids"],
                 self.student_words if self.student_boundary else None, self.student_chunk,
+                recompute=not keeps_exponentials(student_hidden.shape[:2].numel(),
+                                                 len(self.student_words)),
             )
         if "alm" in names:
             with torch.inference_mode():

@@ -1,10 +1,12 @@
-"""Per-token quantities from hidden states without ever holding [B, T, V] logits.
+"""Per-token quantities from hidden states without ever holding two [B, T, V] tensors.
 
 Every loss here needs only a few numbers per position (the target token's log-prob, the
 probability that the next token starts a word, a sorted or gathered slice of the distribution).
-They are computed over chunks of positions; on the student side each chunk is checkpointed, so
-its logits are recomputed in backward instead of kept (Gemma's V = 262,144 makes one fp32
-[4, 512, V] tensor 2 GiB).
+They are computed over chunks of positions. For backward, the student's target and
+word-boundary log-probs keep one fp32 tensor of exponentials per chunk when the whole batch's
+fits in `SAVED_BYTES` (Gemma's V = 262,144 makes [4, 512, V] 2 GiB; plain cross-entropy holds
+two such tensors); beyond that, and in the other losses, each chunk is checkpointed: its logits
+are recomputed in backward instead of kept.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from ctd.tokens import byte_vocab
 
 ROW_ELEMENTS = 1 << 25  # logits elements per chunk of positions (128 MiB in fp32)
+SAVED_BYTES = 4 << 30  # token_logprobs keeps exponentials for backward up to this size
 
 
 def output_head(model) -> Callable[[Tensor], Tensor]:
@@ -41,15 +44,22 @@ def word_start_mask(tokenizer) -> Tensor:
     return torch.from_numpy(byte_vocab(tokenizer).starts_word.copy())
 
 
+def keeps_exponentials(positions: int, vocab_size: int) -> bool:
+    """Whether backward may keep fp32 exponentials for all positions (within SAVED_BYTES)."""
+    return positions * vocab_size * 4 <= SAVED_BYTES
+
+
 def chunk_rows(vocab_size: int) -> int:
     """Positions per chunk so that one chunk's fp32 logits stay near ROW_ELEMENTS."""
     return max(8, ROW_ELEMENTS // max(vocab_size, 1))
 
 
-def map_rows(fn: Callable[..., Tensor], *rows: Tensor, chunk: int) -> Tensor:
-    """fn over chunks of rows (all inputs share dim 0), concatenated. Checkpointed when a
-    gradient is needed, so fn's [chunk, V] intermediates are never kept for backward."""
-    grad = torch.is_grad_enabled() and any(r.requires_grad for r in rows)
+def map_rows(fn: Callable[..., Tensor], *rows: Tensor, chunk: int, recompute: bool = True
+             ) -> Tensor:
+    """fn over chunks of rows (all inputs share dim 0), concatenated. With `recompute`, each
+    chunk is checkpointed when a gradient is needed, so fn's [chunk, V] intermediates are not
+    kept for backward."""
+    grad = recompute and torch.is_grad_enabled() and any(r.requires_grad for r in rows)
     outs = []
     for i in range(0, rows[0].shape[0], chunk):
         part = [r[i : i + chunk] for r in rows]
@@ -112,8 +122,12 @@ def token_logprobs(
     input_ids: Tensor,
     word_mask: Tensor | None = None,
     chunk: int = 256,
+    recompute: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Target log-probs and word-boundary log-probs, both [B, T] (at least fp32).
+
+    `recompute=False` keeps each chunk's fp32 exponentials for backward instead of recomputing
+    the logits (see `keeps_exponentials`).
 
     lp[:, i] = log p(x_i | x_<i) (0 at i = 0, which nothing predicts);
     boundary[:, i] = log sum_{v in word_mask} p(v | x_<=i) (None without a mask).
@@ -127,6 +141,7 @@ def token_logprobs(
         words = _fit(mask, logits.shape[-1]) if mask is not None else None
         return _LogitStats.apply(logits, target, words)
 
-    stats = map_rows(rows, hidden.reshape(-1, h), nxt, chunk=chunk).view(b, t, -1)
+    stats = map_rows(rows, hidden.reshape(-1, h), nxt, chunk=chunk, recompute=recompute)
+    stats = stats.view(b, t, -1)
     lp = F.pad(stats[:, :-1, 0], (1, 0))
     return lp, (stats[..., 1] if mask is not None else None)
