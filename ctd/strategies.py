@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
 
 import torch
 from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
 
+from ctd.config import StrategyName
 from ctd.errors import CtdError
-
-StrategyName = Literal["auto", "ddp", "deepspeed"]
 
 
 def deepspeed_config(path: Path) -> dict:

@@ -12,9 +12,8 @@ import math
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
 
 import pytorch_lightning as pl
 import torch
@@ -24,27 +23,14 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torch import Tensor
 from torchmetrics import Metric
 
-from ctd.data import DataConfig, DistillData
+from ctd.config import DataConfig, ModelsConfig, OptimConfig, Trainable, TrainConfig
+from ctd.data import DistillData
 from ctd.errors import CtdError
 from ctd.io import atomic_dir, write_json
 from ctd.losses.combine import DistillObjective, LossSpec
 from ctd.losses.logprobs import hidden_states, output_head, token_logprobs
-from ctd.strategies import StrategyName, loss_scale, make_strategy, optimizer_class, zero_stage
+from ctd.strategies import loss_scale, make_strategy, optimizer_class, zero_stage
 from ctd.zoo import load_model, load_tokenizer
-
-Trainable = Literal["all", "embeddings", "lora"]
-
-
-@dataclass
-class OptimConfig:
-    """AdamW with linear warmup, then linear decay to `min_lr_ratio * lr` at the last step."""
-
-    lr: float = 1e-5
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
 
 
 class BitsPerByte(Metric):
@@ -254,39 +240,6 @@ def check_tokenizer_fits(model, tokenizer, role: str) -> None:
             f"the {role} has {rows} embedding rows but its tokenizer has {len(tokenizer)} "
             f"tokens; give the {role} its own tokenizer (or transplant the tokenizer first)"
         )
-
-
-@dataclass
-class ModelsConfig:
-    """Teacher and student (zoo name, HF directory, .gguf or hub id) and what of the student
-    trains. Tokenizers default to each model's own."""
-
-    teacher: str = "smollm2-135m"
-    student: str = "smollm2-135m"
-    teacher_tokenizer: str | None = None
-    student_tokenizer: str | None = None
-    teacher_dtype: Literal["float32", "bfloat16"] = "float32"
-    train: Trainable = "all"
-    lora_rank: int = 64
-    lora_alpha: float = 128.0
-
-
-@dataclass
-class TrainConfig:
-    """Steps, precision, devices and the checkpoint/validation cadence (in optimizer steps)."""
-
-    max_steps: int = 100
-    accumulate: int = 1
-    precision: str = "32-true"
-    strategy: StrategyName = "auto"
-    deepspeed_config: Path | None = None
-    accelerator: str = "auto"
-    devices: int = 1
-    checkpoint_every: int = 50
-    val_every: int = 50
-    log_every: int = 1
-    threads: int | None = None
-    progress: bool = True
 
 
 # Settings a resumed run may change: they do not alter what is computed.

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import torch
 
+from ctd.config import DataConfig, ModelsConfig, OptimConfig, Trainable, TrainConfig
 from ctd.corpora import load_texts
-from ctd.data import DataConfig
 from ctd.evaluate import bits_per_byte, greedy_generate
 from ctd.io import Stages
 from ctd.losses.combine import LossSpec
 from ctd.report import console, markdown_table, plot_bars, plot_curves
-from ctd.train import ModelsConfig, OptimConfig, Trainable, TrainConfig, distill_step
 from ctd.transplant.run import transplant
 from ctd.zoo import load_model, load_tokenizer
 
@@ -82,6 +81,8 @@ def demo_config(out: Path = Path("runs/demo")) -> HealConfig:
 
 def _heal(cfg: HealConfig, student: Path, losses: list[LossSpec], out: Path) -> dict:
     """One healing arm; continues its last checkpoint if an earlier run was interrupted."""
+    from ctd.train import distill_step  # Lightning: imported when training, not by the CLI
+
     return distill_step(
         ModelsConfig(teacher=cfg.base, student=str(student), teacher_dtype="float32",
                      train=cfg.train),

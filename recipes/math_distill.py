@@ -15,13 +15,12 @@ from pathlib import Path
 
 import torch
 
+from ctd.config import DataConfig, ModelsConfig, OptimConfig, TrainConfig
 from ctd.corpora import load_corpus
-from ctd.data import DataConfig
 from ctd.evaluate import gsm_accuracy
 from ctd.io import Stages
 from ctd.losses.combine import LossSpec
 from ctd.report import console, markdown_table, plot_bars, plot_curves
-from ctd.train import ModelsConfig, OptimConfig, TrainConfig, distill_step
 from ctd.zoo import load_model, load_tokenizer
 
 
@@ -53,6 +52,8 @@ class MathConfig:
 
 
 def _train(cfg: MathConfig, losses: list[LossSpec], out: Path) -> dict:
+    from ctd.train import distill_step  # Lightning: imported when training, not by the CLI
+
     return distill_step(
         ModelsConfig(teacher=cfg.teacher, student=cfg.student),
         DataConfig(corpus="gsm-symbolic", max_length=cfg.max_length, batch_size=cfg.batch_size,

@@ -36,9 +36,10 @@ def _batch(batch_size: int, length: int):
 def run_mode(mode: str, steps: int, batch_size: int, length: int) -> dict:
     import torch
 
+    from ctd.config import OptimConfig
     from ctd.losses.combine import DistillObjective, LossSpec
     from ctd.losses.logprobs import hidden_states
-    from ctd.train import Distiller, OptimConfig
+    from ctd.train import Distiller
     from ctd.zoo import load_model
 
     t_tok, s_tok, batch = _batch(batch_size, length)

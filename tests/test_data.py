@@ -8,7 +8,8 @@ import json
 import numpy as np
 import torch
 
-from ctd.data import DataConfig, DistillData, StepSampler
+from ctd.config import DataConfig
+from ctd.data import DistillData, StepSampler
 
 
 def _items(sampler: StepSampler) -> list[list[tuple[int, int, int]]]:

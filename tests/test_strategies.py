@@ -12,10 +12,11 @@ import torch
 from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy
 from transformers import AutoModelForCausalLM
 
-from ctd.data import DataConfig, DistillData
+from ctd.config import DataConfig, OptimConfig
+from ctd.data import DistillData
 from ctd.losses.combine import DistillObjective, LossSpec
 from ctd.strategies import deepspeed_config
-from ctd.train import Distiller, OptimConfig, distill
+from ctd.train import Distiller, distill
 from ctd.zoo import load_tokenizer
 from tests.test_train import configs, zoo_dir  # noqa: F401  (fixture)
 

@@ -13,11 +13,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ctd.cli import main
-from ctd.data import DataConfig, DistillData
+from ctd.config import DataConfig, ModelsConfig, OptimConfig, TrainConfig
+from ctd.data import DistillData
 from ctd.errors import CtdError
 from ctd.losses.combine import DistillObjective, LossSpec
 from ctd.losses.logprobs import hidden_states, output_head
-from ctd.train import ModelsConfig, OptimConfig, TrainConfig, distill
+from ctd.train import distill
 from tests.tiny import tiny_model
 
 WORDS = ("the cat sat on a mat while dogs ran quickly over green hills and wide rivers under "
