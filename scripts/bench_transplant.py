@@ -85,20 +85,23 @@ def main() -> None:
     ap.add_argument("--mergekit", nargs="*", default=["A"], help="pairs to run mergekit on")
     ap.add_argument("--exact-sample", type=int, default=2000)
     ap.add_argument("--max-bytes", type=int, default=200_000)
+    ap.add_argument("--no-bpb", action="store_true",
+                    help="time the transplants only (to repeat timings side by side quickly)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/ctd-bench"))
     args = ap.parse_args()
 
     from ctd.corpora import load_texts
     from ctd.zoo import resolve_model
 
-    texts = load_texts("wiki-en", split="validation", max_bytes=args.max_bytes)
+    texts = [] if args.no_bpb else load_texts("wiki-en", split="validation",
+                                               max_bytes=args.max_bytes)
     ctd = str(Path(sys.executable).with_name("ctd"))
     report = {"command": " ".join(sys.argv), "bpb_text": f"wiki-en validation, first "
               f"{args.max_bytes} bytes", "pairs": {}}
     for pair in args.pairs:
         base, tok = PAIRS[pair]
-        rows = {"base_bpb": bpb(resolve_model(base), texts)}
-        print(f"[{pair}] base bpb {rows['base_bpb']:.4f}", file=sys.stderr)
+        rows = {} if args.no_bpb else {"base_bpb": bpb(resolve_model(base), texts)}
+        print(f"[{pair}] base bpb {rows.get('base_bpb')}", file=sys.stderr)
         for method in args.methods:
             if f"{pair}:{method}" in args.skip:
                 continue
@@ -110,8 +113,9 @@ def main() -> None:
                          *flags])
             if run["rc"] == 0:
                 rep = json.loads((out / "transplant_report.json").read_text())
-                run["bpb"] = bpb(str(out), texts)
-                run["bpb_ratio"] = run["bpb"] / rows["base_bpb"]
+                if not args.no_bpb:
+                    run["bpb"] = bpb(str(out), texts)
+                    run["bpb_ratio"] = run["bpb"] / rows["base_bpb"]
                 run["sides"] = rep["sides"]
                 run["method_s"] = rep["timings"]["method_s"]
                 del run["stderr"]
@@ -125,8 +129,9 @@ def main() -> None:
                 run = timed([str(MERGEKIT), resolve_model(base), resolve_model(tok), str(out),
                              "-a", "omp", "-k", "64"])
                 if run["rc"] == 0:
-                    run["bpb"] = bpb(str(out), texts)
-                    run["bpb_ratio"] = run["bpb"] / rows["base_bpb"]
+                    if not args.no_bpb:
+                        run["bpb"] = bpb(str(out), texts)
+                        run["bpb_ratio"] = run["bpb"] / rows["base_bpb"]
                     del run["stderr"]
                 rows["mergekit-omp-k64"] = run
             else:
