@@ -241,7 +241,7 @@ def transplant(
     Args:
         base: the model whose body is kept.
         tokenizer: the new tokenizer; when it names a model, that model is the donor.
-        out: output directory (never replaced without --overwrite).
+        out: output directory (never replaced without --overwrite true).
         method: omp, fvt, mean, zero, random, knn, focus-donor, tokenadapt-hybrid, wechsel.
         k: atoms per token for omp (64), neighbours for knn (8) and wechsel (10).
         donor: a model that uses the new tokenizer (omp, knn, focus-donor, tokenadapt-hybrid).

@@ -22,7 +22,7 @@ def atomic_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
     """
     final = Path(final).expanduser().resolve()
     if final.exists() and not overwrite:
-        raise CtdError(f"output directory {final} already exists; pass --overwrite or choose another")
+        raise CtdError(f"output directory {final} already exists; pass --overwrite true or choose another")
     parent = final.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
