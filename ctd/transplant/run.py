@@ -213,7 +213,7 @@ def transplant_model(
     return {
         "method": method,
         "params": ({"k": k, "fast": fast} if method in DEFAULT_K else {})
-        | ({k: str(v) for k, v in vars(wechsel).items()} if method == "wechsel" else {}),
+        | ({name: v and str(v) for name, v in vars(wechsel).items()} if method == "wechsel" else {}),
         "tied": base_out is None,
         "vocab": match.summary(),
         "sides": stats,
