@@ -79,7 +79,11 @@ def compare(members: list[str], tokenizer: str, texts: list[str], mode: Mode = "
     tok = load_tokenizer(tokenizer)
     models = {name: load_model(name) for name in members}
     for name, model in models.items():
-        if model.get_output_embeddings().weight.shape[0] < len(tok):
+        try:
+            own = load_tokenizer(name).get_vocab()
+        except CtdError:  # a member without its own tokenizer: only its rows can be checked
+            own = tok.get_vocab()
+        if own != tok.get_vocab() or model.get_output_embeddings().weight.shape[0] < len(tok):
             raise CtdError(f"{name} does not use the tokenizer {tokenizer}; transplant it first")
     models[f"ensemble ({mode})"] = Ensemble(list(models.values()), mode)
     results = {}

@@ -14,10 +14,12 @@ from pathlib import Path
 
 from ctd.corpora import load_corpus, load_texts
 from ctd.ensemble import Mode, compare
+from ctd.errors import CtdError
 from ctd.io import Stages
 from ctd.recipes.heal import HealConfig
 from ctd.recipes.heal import run as heal
 from ctd.report import console, markdown_table, plot_bars
+from ctd.zoo import resolve_tokenizer
 
 
 @dataclass
@@ -42,6 +44,10 @@ class EnsembleConfig:
 
 
 def run(cfg: EnsembleConfig) -> Path:
+    """Move and heal (unless `moved` is given), score members and ensemble, report."""
+    if cfg.moved is None and resolve_tokenizer(cfg.heal.tokenizer) != resolve_tokenizer(cfg.partner):
+        raise CtdError(f"the heal step moves {cfg.heal.base} onto {cfg.heal.tokenizer}, not onto "
+                       f"the partner {cfg.partner}'s tokenizer; set heal.tokenizer to the partner")
     out = Path(cfg.out).expanduser().resolve()
     stages = Stages(out, asdict(cfg))
 

@@ -49,3 +49,47 @@ def test_heal_recipe_runs_end_to_end_and_continues(tiny_pair, tmp_path, smol_tok
 
 def test_gap_closed():
     assert gap_closed({"original": 1.0, "transplanted": 2.0, "healed": 1.25}, "healed") == 0.75
+
+
+def test_math_recipe_runs_end_to_end_and_continues(tiny_pair, tmp_path):
+    from ctd.recipes.math_distill import MathConfig
+    from ctd.recipes.math_distill import run as run_math
+
+    teacher, student = tiny_pair  # different tokenizers (Gemma-3's, SmolLM2's)
+    cfg = MathConfig(teacher=str(teacher), student=str(student), steps=2, batch_size=2,
+                     max_length=64, lr=1e-3, warmup=0, train_problems=8, test_problems=2,
+                     max_new_tokens=4, out=tmp_path / "math")
+    report = run_math(cfg)
+    text = report.read_text()
+    for name in ("teacher", "student (before)", "student (alm+sft)", "student (sft)"):
+        assert f"| {name} |" in text
+    assert (tmp_path / "math" / "accuracy.png").stat().st_size > 0
+    for arm in ("alm+sft", "sft"):  # both arms trained the same steps and wrote a model
+        assert (tmp_path / "math" / arm / "model" / "config.json").exists()
+    stages = tmp_path / "math" / "stages"
+    stamps = {p.name: p.stat().st_mtime_ns for p in stages.iterdir()}
+    assert run_math(cfg) == report and {
+        p.name: p.stat().st_mtime_ns for p in stages.iterdir()} == stamps
+
+
+def test_ensemble_recipe_moves_heals_and_ensembles(tiny_pair, tmp_path):
+    from ctd.recipes.ensemble import EnsembleConfig
+    from ctd.recipes.ensemble import run as run_ensemble
+
+    base, partner = tiny_pair
+    heal = HealConfig(base=str(base), tokenizer=str(partner), k=8, steps=2, batch_size=2,
+                      max_length=32, lr=1e-3, warmup=0, train_documents=16, val_documents=2,
+                      eval_corpora=["wiki-en"], eval_bytes=400, prompts=["Paris is"],
+                      compare_clm=False, out=tmp_path / "ens" / "heal")
+    cfg = EnsembleConfig(partner=str(partner), heal=heal, eval_bytes=400, gsm_problems=1,
+                         out=tmp_path / "ens")
+    text = run_ensemble(cfg).read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "bpb" not in line]
+    assert len(rows) == 3 and "ensemble (probs)" in rows[2]  # two members and the ensemble
+    moved = json.loads((tmp_path / "ens" / "heal" / "healed-alm" / "model" / "config.json")
+                       .read_text())
+    assert moved["vocab_size"] == json.loads((partner / "config.json").read_text())["vocab_size"]
+    with pytest.raises(CtdError, match="partner"):  # healed onto another tokenizer: refused
+        run_ensemble(dataclasses.replace(cfg, heal=dataclasses.replace(heal, tokenizer=str(base)),
+                                         out=tmp_path / "other"))
+    assert not (tmp_path / "other").exists()
