@@ -22,8 +22,8 @@ from ctd.transplant.wechsel import WechselResources, procrustes
 from tests.tiny import tiny_model
 
 
-def _brute_omp(P: torch.Tensor, y: torch.Tensor, k: int):
-    """Textbook OMP in float64: full correlations, least squares re-solved from scratch."""
+def _brute_omp(P: torch.Tensor, y: torch.Tensor, k: int, lam: float = 0.0):
+    """Textbook OMP in float64: full correlations, (ridge) least squares re-solved from scratch."""
     P, y, chosen = P.double(), y.double(), []
     r = y
     for _ in range(k):
@@ -31,19 +31,21 @@ def _brute_omp(P: torch.Tensor, y: torch.Tensor, k: int):
         c[chosen] = -1
         chosen.append(int(c.argmax()))
         A = P[chosen].T
-        x = torch.linalg.lstsq(A, y.unsqueeze(1)).solution.squeeze(1)
+        x = torch.linalg.solve(A.T @ A + lam * torch.eye(len(chosen), dtype=A.dtype), A.T @ y)
         r = y - A @ x
     return chosen, x
 
 
+@pytest.mark.parametrize("ridge", [0.0, 0.05])
 @pytest.mark.parametrize("pool", [0, 32])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_omp_matches_brute_force_least_squares(pool, seed):
+def test_omp_matches_brute_force_least_squares(pool, seed, ridge):
     g = torch.Generator().manual_seed(seed)
     P, Y, k = torch.randn(400, 32, generator=g), torch.randn(25, 32, generator=g), 10
-    res = omp(P, Y, k, pool=pool, batch_size=8)
+    res = omp(P, Y, k, pool=pool, batch_size=8, ridge=ridge)
+    lam = ridge * float((P * P).sum(1).mean())
     for i in range(len(Y)):
-        chosen, x = _brute_omp(P, Y[i], k)
+        chosen, x = _brute_omp(P, Y[i], k, lam)
         assert sorted(chosen) == sorted(res.indices[i].tolist())
         ref = dict(zip(chosen, x.tolist()))
         got = dict(zip(res.indices[i].tolist(), res.coefs[i].tolist()))
@@ -51,6 +53,21 @@ def test_omp_matches_brute_force_least_squares(pool, seed):
     approx = torch.einsum("nk,nkd->nd", res.coefs, P[res.indices])
     expect = (Y - approx).norm(dim=1) / Y.norm(dim=1)
     assert torch.allclose(res.residual, expect, atol=1e-5)
+
+
+def test_ridge_bounds_coefficients_of_near_collinear_atoms():
+    """Plain OMP on nearly collinear atoms needs huge coefficients; the transfer would carry
+    them to another space. Ridge least squares obeys |x| <= |y| / (2 sqrt(lambda))."""
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(8, 24, generator=g)
+    P = torch.cat([base, base + 0.02 * torch.randn(8, 24, generator=g)])
+    Y = torch.randn(16, 24, generator=g)
+    plain = omp(P, Y, 16, pool=0)
+    assert plain.stopped == 0 and plain.coefs.norm(dim=1).max() > 100
+    ridged = omp(P, Y, 16, pool=0, ridge=0.01)
+    lam = 0.01 * float((P * P).sum(1).mean())
+    assert (ridged.coefs.norm(dim=1) <= Y.norm(dim=1) / (2 * lam**0.5) + 1e-4).all()
+    assert (ridged.residual < 1).all()  # still a fit, only a more cautious one
 
 
 def test_omp_guards_near_dependent_atoms():
