@@ -65,12 +65,13 @@ def run(cfg: EnsembleConfig) -> Path:
                           cfg.mode, rows, shots)
 
     # 3. Report.
-    names = {cfg.partner: cfg.partner, str(moved): f"{moved} (moved, healed)"}
+    label = f"{cfg.moved} (moved)" if cfg.moved else f"{cfg.heal.base} moved and healed"
+    names = {cfg.partner: cfg.partner, str(moved): label}
     results = {names.get(k, k): v for k, v in results.items()}
     plot_bars({"wiki-en bpb": {n: r["bpb"] for n, r in results.items()}}, "bits per byte",
               out / "bpb.png")
     text = "\n".join([
-        f"# Ensemble of {cfg.partner} and {names[str(moved)]} on {cfg.partner}'s tokenizer",
+        f"# Ensemble of {cfg.partner} and {label} on {cfg.partner}'s tokenizer",
         "",
         f"wiki-en test, first {cfg.eval_bytes:,} bytes; {cfg.gsm_problems} gsm-symbolic test "
         f"problems (1-shot, greedy); mode `{cfg.mode}`.",

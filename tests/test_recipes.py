@@ -93,3 +93,38 @@ def test_ensemble_recipe_moves_heals_and_ensembles(tiny_pair, tmp_path):
         run_ensemble(dataclasses.replace(cfg, heal=dataclasses.replace(heal, tokenizer=str(base)),
                                          out=tmp_path / "other"))
     assert not (tmp_path / "other").exists()
+
+
+def test_interrupted_recipe_continues_from_its_last_checkpoint(tiny_pair, tmp_path, monkeypatch):
+    import signal
+
+    import pytorch_lightning as pl
+
+    import ctd.train
+
+    class InterruptAfterFirstStep(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 1:
+                signal.raise_signal(signal.SIGINT)  # what Ctrl-C does
+
+    base, donor = tiny_pair
+    cfg = HealConfig(base=str(base), tokenizer=str(donor), k=8, steps=3, batch_size=2,
+                     max_length=32, lr=1e-3, warmup=0, train_documents=16, val_documents=2,
+                     eval_corpora=["wiki-en"], eval_bytes=400, prompts=["Paris is"],
+                     compare_clm=False, out=tmp_path / "heal")
+    distill = ctd.train.distill
+    monkeypatch.setattr(ctd.train, "distill", lambda *a, **kw: distill(
+        *a, **kw, callbacks=(InterruptAfterFirstStep(),)))
+    with pytest.raises(KeyboardInterrupt, match="run the recipe again"):
+        run(cfg)
+    arm = tmp_path / "heal" / "healed-alm"
+    assert (arm / "checkpoints" / "last.ckpt").exists() and not (arm / "model").exists()
+    transplanted = (tmp_path / "heal" / "transplant" / "model.safetensors").stat().st_mtime_ns
+    resumed = []
+    monkeypatch.setattr(ctd.train, "distill", lambda *a, **kw: resumed.append(kw["resume"]) or
+                        distill(*a, **kw))
+    run(cfg)  # continues: the transplant is kept, training resumes from step 1 and finishes
+    assert resumed == [True]
+    summary = json.loads((tmp_path / "heal" / "stages" / "healed-alm.json").read_text())
+    assert summary["steps"] == 3 and summary["export"]
+    assert (tmp_path / "heal" / "transplant" / "model.safetensors").stat().st_mtime_ns == transplanted
