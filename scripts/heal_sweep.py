@@ -11,9 +11,11 @@ teacher's bpb on the same documents. Arms run one after another; finished ones a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -47,15 +49,17 @@ def main() -> None:
     if moved is None:
         moved = args.out / "transplant"
         if not moved.exists():
-            transplant(cfg.base, cfg.tokenizer, moved, method=cfg.method, k=cfg.k)
+            with contextlib.redirect_stdout(sys.stderr):
+                transplant(cfg.base, cfg.tokenizer, moved, method=cfg.method, k=cfg.k)
     report = {"base": cfg.base, "tokenizer": cfg.tokenizer, "steps": cfg.steps,
               "batch": [cfg.batch_size, cfg.max_length], "arms": {}}
     for lr in args.lrs:
         for arm in args.arms:
             name = f"{arm.replace(',', '+')}@{lr:g}"
             out = args.out / name
-            _heal(dataclasses.replace(cfg, lr=lr), moved.resolve(),
-                  [LossSpec(loss) for loss in arm.split(",")], out)
+            with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON
+                _heal(dataclasses.replace(cfg, lr=lr), moved.resolve(),
+                      [LossSpec(loss) for loss in arm.split(",")], out)
             curve, teacher = val_curve(out / "logs" / "version_0" / "metrics.csv")
             report["arms"][name] = {"val_bpb": curve, "final_val_bpb": curve[-1][1]}
             if teacher is not None:
