@@ -2,7 +2,8 @@
 
 Once models share a tokenizer (after `ctd transplant`), their next-token distributions live over
 the same vocabulary and can be averaged. The wrapper returns log-probabilities as `logits`, so
-every consumer of a causal LM (bpb scoring, multiple choice, greedy generation) works unchanged.
+every consumer of a causal LM (`bits_per_byte`, `choice_nll`/`multiple_choice`, `greedy_generate`)
+works unchanged.
 """
 
 from __future__ import annotations

@@ -55,21 +55,48 @@ def windows(ids: np.ndarray, start: int, window: int) -> list[np.ndarray]:
 
 
 @torch.no_grad()
-def window_nll(model, batch: list[np.ndarray], pad_id: int) -> torch.Tensor:
-    """Summed NLL (nats, fp64) of tokens 1.. of each window; position 0 is context only."""
+def window_nll(model, batch: list[np.ndarray], pad_id: int,
+               first: list[int] | None = None) -> torch.Tensor:
+    """Summed NLL (nats, fp64) of tokens first[i].. of each window (default 1: position 0 is
+    context only)."""
     device = next(model.parameters()).device
     width = max(len(w) for w in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
+    scored = torch.zeros_like(ids)
     for row, w in enumerate(batch):
         ids[row, : len(w)] = torch.from_numpy(w)
         mask[row, : len(w)] = 1
-    ids, mask = ids.to(device), mask.to(device)
+        scored[row, (first[row] if first else 1) : len(w)] = 1
+    ids, mask, scored = ids.to(device), mask.to(device), scored.to(device)
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
     nll = torch.nn.functional.cross_entropy(
         logits.transpose(1, 2), ids[:, 1:], reduction="none"
     )
-    return (nll * mask[:, 1:]).double().sum(dim=1).cpu()
+    return (nll * scored[:, 1:]).double().sum(dim=1).cpu()
+
+
+def choice_nll(model, tokenizer, context: str, choices: list[str]) -> list[float]:
+    """NLL (nats) of each choice as the continuation of `context`; context and choices are
+    tokenized separately (as lm-evaluation-harness does), so every choice sees the same
+    context tokens. Works for any causal LM, an `Ensemble` included."""
+    if not choices:
+        raise CtdError("no choices to score")
+    start = doc_start_id(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
+    ctx = encode(tokenizer, [context])[0].ids if context else np.zeros(0, dtype=np.int64)
+    batch = [np.concatenate([[start], ctx, e.ids]) for e in encode(tokenizer, choices)]
+    if max(map(len, batch)) > model_context(model):
+        raise CtdError(f"context + choice is longer than the model's context "
+                       f"({model_context(model)} tokens); shorten the context")
+    return window_nll(model, batch, pad, [1 + len(ctx)] * len(batch)).tolist()
+
+
+def multiple_choice(model, tokenizer, context: str, choices: list[str]) -> int:
+    """Index of the choice with the lowest NLL per UTF-8 byte (comparable across tokenizers,
+    and not biased towards short choices as a plain sum would be)."""
+    nll = choice_nll(model, tokenizer, context, choices)
+    return int(np.argmin([n / max(len(c.encode()), 1) for n, c in zip(nll, choices, strict=True)]))
 
 
 def bits_per_byte(

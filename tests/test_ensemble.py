@@ -59,3 +59,25 @@ def test_greedy_generate_matches_transformers_generate(arch, smol_tok):
 ])
 def test_extract_answer(text, answer):
     assert extract_answer(text) == answer
+
+
+def test_multiple_choice_scores_each_choice_as_a_continuation(smol_tok):
+    from ctd.evaluate import choice_nll, multiple_choice
+
+    a, b = tiny_model(smol_tok, seed=1), tiny_model(smol_tok, "gemma3", seed=2)
+    context, choices = "The capital of France is", [" Paris", " a city in Europe", " 42"]
+    got = choice_nll(a, smol_tok, context, choices)
+    ctx = smol_tok(context, add_special_tokens=False)["input_ids"]
+    for choice, nll in zip(choices, got):  # one unpadded forward per choice, by hand
+        ids = torch.tensor([[0, *ctx, *smol_tok(choice, add_special_tokens=False)["input_ids"]]])
+        with torch.no_grad():
+            logp = a(ids).logits.log_softmax(-1)[0, :-1].gather(1, ids[0, 1:, None])[:, 0]
+        assert nll == pytest.approx(-float(logp[len(ctx):].sum()), rel=1e-4)
+    per_byte = [n / len(c.encode()) for n, c in zip(got, choices)]
+    assert multiple_choice(a, smol_tok, context, choices) == per_byte.index(min(per_byte))
+    # the ensemble is scored the same way; of one model twice it is that model
+    assert choice_nll(Ensemble([a, a]), smol_tok, context, choices) == pytest.approx(got, rel=1e-5)
+    mixed = choice_nll(Ensemble([a, b]), smol_tok, context, choices)
+    alone = choice_nll(b, smol_tok, context, choices)
+    # per token (p+q)/2 >= sqrt(pq), so a choice's mixed NLL is at most its members' mean
+    assert all(m <= (x + y) / 2 + 1e-6 for m, x, y in zip(mixed, got, alone))
