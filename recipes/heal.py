@@ -79,7 +79,7 @@ def demo_config(out: Path = Path("runs/demo")) -> HealConfig:
                       eval_bytes=10_000, prompts=PROMPTS[:2], out=out)
 
 
-def _heal(cfg: HealConfig, student: Path, losses: list[LossSpec], out: Path) -> dict:
+def heal_arm(cfg: HealConfig, student: Path, losses: list[LossSpec], out: Path) -> dict:
     """One healing arm; continues its last checkpoint if an earlier run was interrupted."""
     from ctd.train import distill_step  # Lightning: imported when training, not by the CLI
 
@@ -122,7 +122,7 @@ def run(cfg: HealConfig) -> Path:
     if cfg.compare_clm:
         arms["healed-clm"] = [LossSpec("clm")]
     for name, losses in arms.items():
-        stages.once(name, _heal, cfg, transplanted, losses, out / name)
+        stages.once(name, heal_arm, cfg, transplanted, losses, out / name)
 
     # 3. Bits per byte on held-out text of every corpus (tokenizer independent).
     models = {"original": (cfg.base, cfg.base), "transplanted": (transplanted, transplanted)}

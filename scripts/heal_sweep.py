@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ctd.losses.combine import LossSpec
-from ctd.recipes.heal import _heal, demo_config
+from ctd.recipes.heal import demo_config, heal_arm
 from ctd.transplant.run import transplant
 
 
@@ -58,7 +58,7 @@ def main() -> None:
             name = f"{arm.replace(',', '+')}@{lr:g}"
             out = args.out / name
             with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON
-                _heal(dataclasses.replace(cfg, lr=lr), moved.resolve(),
+                heal_arm(dataclasses.replace(cfg, lr=lr), moved.resolve(),
                       [LossSpec(loss) for loss in arm.split(",")], out)
             curve, teacher = val_curve(out / "logs" / "version_0" / "metrics.csv")
             report["arms"][name] = {"val_bpb": curve, "final_val_bpb": curve[-1][1]}
