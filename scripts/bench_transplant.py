@@ -53,7 +53,7 @@ def compare_sample(base: str, tok: str, n: int, seed: int = 0) -> dict:
     import numpy as np
     import torch
 
-    from ctd.transplant.methods import EXACT, FAST
+    from ctd.transplant.methods import EXACT, FAST, RIDGE
     from ctd.transplant.omp import omp
     from ctd.transplant.vocab import match_vocab
     from ctd.zoo import load_model, load_tokenizer
@@ -67,7 +67,7 @@ def compare_sample(base: str, tok: str, n: int, seed: int = 0) -> dict:
     results = {}
     for name, params in [("exact", EXACT), ("fast", FAST)]:
         t = time.perf_counter()
-        results[name] = omp(P, Y, 64, **params)
+        results[name] = omp(P, Y, 64, **params, ridge=RIDGE)  # as `ctd transplant` runs it
         dt = time.perf_counter() - t
         out[name] = {"seconds": dt, "extrapolated_s": dt * len(new) / len(pick),
                      "mean_relative_residual": float(results[name].residual.mean())}
