@@ -329,3 +329,22 @@ def byte_vocab_special(tok, size: int) -> np.ndarray:
     special = byte_vocab(tok).is_special[:size]
     out[: len(special)] = special
     return out
+
+
+def test_transplant_rows_stay_in_scale_when_donor_atoms_are_nearly_collinear(gemma_tok, smol_tok,
+                                                                             match):
+    """The pair-B failure in miniature: a donor whose embedding is nearly low-rank (its atoms
+    nearly collinear) and a base whose rows are not. Without ridge the largest new row here is
+    2.5x the largest shared row; with it, 0.2x."""
+    donor = tiny_model(smol_tok, arch="llama", tied=True, seed=5)
+    g = torch.Generator().manual_seed(5)
+    V, D = donor.get_input_embeddings().weight.shape
+    low_rank = torch.randn(V, 8, generator=g) @ torch.randn(8, D, generator=g) / 8**0.5
+    with torch.no_grad():
+        donor.get_input_embeddings().weight.copy_(low_rank + 0.005 * torch.randn(V, D, generator=g))
+    model = tiny_model(gemma_tok, arch="gemma3", tied=True, seed=6)
+    shared_norm = model.get_input_embeddings().weight.norm(dim=1).max()
+    report = transplant_model(model, gemma_tok, smol_tok, "omp", k=32, donor=donor)
+    assert report["sides"]["input"]["ridge"] > 0
+    new_rows = model.get_input_embeddings().weight[torch.as_tensor(match.new_ids)]
+    assert new_rows.norm(dim=1).max() < shared_norm

@@ -115,7 +115,7 @@ def _batch(P: Tensor, Pb: Tensor, Y: Tensor, k: int, pool: int, refresh: int, ri
             H = torch.bmm(YA[:, : t + 1], Pc.transpose(1, 2))  # [n, 1 + t, pool]
             beta, G[:, :t] = H[:, 0], H[:, 1:]
             Gcc = torch.bmm(Pc, Pc.transpose(1, 2))
-            # chosen atoms are (nearly) orthogonal to R, but never pick one twice
+            # chosen atoms are (nearly, without ridge) orthogonal to R; never pick one twice
             used = (cand.unsqueeze(-1) == idx[:, None, :t]).any(-1)
         # correlations with the residual y - A x, from inner products only: beta - G x
         corr = (beta - (G[:, :t] * x.unsqueeze(-1)).sum(1)).abs_()
