@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -301,6 +302,10 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("ctd: interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        # the process exits next: spare it the interpreter's final collection over every object
+        # still alive (1.3 s after a transplant involving Gemma-3's 262k-token vocabulary)
+        gc.freeze()
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ class ByteVocab:
     name: str
     kind: str  # "byte-level" or "sentencepiece"
     pieces: tuple[bytes, ...]
+    strings: tuple[str, ...]  # the vocabulary entries as the tokenizer writes them ("Ġthe")
     lengths: np.ndarray  # int64 [V]
     is_special: np.ndarray  # bool [V]
     starts_word: np.ndarray  # bool [V]: piece starts with whitespace, or is special
@@ -131,9 +132,11 @@ def _build(tokenizer) -> ByteVocab:
     added = dict(backend.get_added_tokens_decoder().items())
     decoder = byte_decoder()
     pieces: list[bytes] = [b""] * size
+    strings: list[str] = [""] * size
     special = np.zeros(size, dtype=bool)
     special_strings = set(getattr(tokenizer, "all_special_tokens", []))
     for piece, i in vocab.items():
+        strings[i] = piece
         tok = added.get(i)
         if tok is not None:
             pieces[i] = tok.content.encode()
@@ -155,7 +158,7 @@ def _build(tokenizer) -> ByteVocab:
     starts = np.fromiter(map(methodcaller("startswith", _WORD_START), pieces), dtype=bool,
                          count=size)
     adds_prefix = kind == "sentencepiece" and _adds_prefix_space(tokenizer, pieces)
-    return ByteVocab(name, kind, tuple(pieces), lengths, special, starts | special, adds_prefix, nfc)
+    return ByteVocab(name, kind, tuple(pieces), tuple(strings), lengths, special, starts | special, adds_prefix, nfc)
 
 
 def _adds_prefix_space(tokenizer, pieces: list[bytes]) -> bool:

@@ -46,18 +46,17 @@ class Approximation:
 
     def apply(self, base: Tensor, real: np.ndarray, seed: int = 0) -> Tensor:
         """The new rows, given a base matrix [V_base, D] and its real (non-special) row ids."""
-        n, rows = len(self.fallback), base[torch.as_tensor(real)].float()
+        n, fb = len(self.fallback), self.fallback
         out = torch.zeros(n, base.shape[1]) if self.weights is None else torch.sparse.mm(
             self.weights, base.float())
-        fb = self.fallback
-        if self.fill == "mean":
-            out[fb] = rows.mean(0)
-        elif self.fill == "random":
-            g = torch.Generator().manual_seed(seed)
-            noise = torch.randn(int(fb.sum()), base.shape[1], generator=g)
-            out[fb] = rows.mean(0) + noise * rows.std(0)
-        elif self.fill == "zero":
+        if not fb.any() or self.fill == "zero":
             out[fb] = 0.0
+            return out
+        rows = base[torch.as_tensor(real)].float()  # a copy of the matrix: only when needed
+        out[fb] = rows.mean(0)
+        if self.fill == "random":
+            g = torch.Generator().manual_seed(seed)
+            out[fb] += torch.randn(int(fb.sum()), base.shape[1], generator=g) * rows.std(0)
         return out
 
 

@@ -71,9 +71,10 @@ class VocabMatch:
         }
 
 
-def _byte_index(bv: ByteVocab, strings: list[str], rows: int) -> dict[bytes, int]:
+def _byte_index(bv: ByteVocab, rows: int) -> dict[bytes, int]:
     """bytes -> base id for ordinary tokens; a duplicate prefers the non-`<0xNN>` entry."""
     index: dict[bytes, int] = {}
+    strings = bv.strings
     for i in range(min(len(bv), rows)):
         piece = bv.pieces[i]
         if bv.is_special[i] or not piece:
@@ -116,8 +117,7 @@ def match_vocab(
     bv, nv = byte_vocab(base_tok), byte_vocab(new_tok)
     base_rows = len(bv) if base_rows is None else base_rows
     new_rows = len(nv) if new_rows is None else new_rows
-    base_strings = base_tok.convert_ids_to_tokens(list(range(len(bv))))
-    index = _byte_index(bv, base_strings, base_rows)
+    index = _byte_index(bv, base_rows)
     to_base = np.full(new_rows, -1, dtype=np.int64)
     special = np.zeros(new_rows, dtype=bool)
     special[: min(new_rows, len(nv))] = nv.is_special[:new_rows]
@@ -128,10 +128,10 @@ def match_vocab(
     how = {"bytes": int((to_base >= 0).sum())}
 
     # Specials: exact string, then role, then chat marker; each base special used once.
-    base_vocab = base_tok.get_vocab()
-    base_special = {i for i in range(min(len(bv), base_rows)) if bv.is_special[i]}
+    base_special = set(np.flatnonzero(bv.is_special[:base_rows]).tolist())
+    base_vocab = {bv.strings[j]: j for j in base_special}  # only specials are matched by string
     used: set[int] = set()
-    new_strings = new_tok.convert_ids_to_tokens(list(range(min(new_rows, len(nv)))))
+    new_strings = nv.strings[: min(new_rows, len(nv))]
 
     def take(i: int, j: int | None, kind: str) -> None:
         if j is not None and j in base_special and j not in used and to_base[i] < 0:
