@@ -234,6 +234,7 @@ def transplant(
     vectors: Path | None = None,
     target_vectors: Path | None = None,
     dictionary: Path | None = None,
+    hypernet: Path | None = None,
 ) -> None:
     """Move a model onto a new tokenizer without training (OMP by default).
 
@@ -243,7 +244,7 @@ def transplant(
         base: the model whose body is kept.
         tokenizer: the new tokenizer; when it names a model, that model is the donor.
         out: output directory (never replaced without --overwrite true).
-        method: omp, fvt, mean, zero, random, knn, focus-donor, tokenadapt-hybrid, wechsel.
+        method: omp, fvt, mean, zero, random, knn, focus-donor, tokenadapt-hybrid, wechsel, zett.
         k: atoms per token for omp (64), neighbours for knn (8) and wechsel (10).
         donor: a model that uses the new tokenizer (omp, knn, focus-donor, tokenadapt-hybrid).
         fast: OMP fast mode (full-dictionary correlations every 8 steps instead of every step).
@@ -251,13 +252,15 @@ def transplant(
         vectors: wechsel: word vectors of the base model's language (fastText .vec text).
         target_vectors: wechsel: word vectors of the new tokenizer's language, if another.
         dictionary: wechsel: "source_word target_word" lines aligning the two.
+        hypernet: zett: a ZeTT hypernetwork for the base model (config.json + model.safetensors).
     """
     from ctd.report import console
     from ctd.transplant.run import transplant as run
     from ctd.transplant.wechsel import WechselResources
 
     resources = WechselResources(vectors, target_vectors, dictionary) if vectors else None
-    report = run(base, tokenizer, out, method, k, donor, fast, overwrite, wechsel=resources)
+    report = run(base, tokenizer, out, method, k, donor, fast, overwrite, wechsel=resources,
+                 hypernet=hypernet)
     v, t = report["vocab"], report["timings"]
     console().print(f"{v['shared']:,} shared tokens copied, {v['approximated']:,} approximated "
                     f"with {method} in {t['method_s']:.1f} s; wrote {report['out']}")

@@ -13,13 +13,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ctd.cli import main
 from ctd.errors import CtdError
-from ctd.tokens import doc_start_id
-from ctd.transplant.methods import METHODS, NEEDS_RESOURCE
+from ctd.tokens import byte_vocab, doc_start_id
+from ctd.transplant import zett
+from ctd.transplant.methods import METHODS
 from ctd.transplant.omp import omp
 from ctd.transplant.run import transplant, transplant_model
 from ctd.transplant.vocab import match_vocab, require_shared
 from ctd.transplant.wechsel import WechselResources, procrustes
-from tests.tiny import tiny_model
+from tests.tiny import tiny_hypernet, tiny_model
 
 
 def _brute_omp(P: torch.Tensor, y: torch.Tensor, k: int, lam: float = 0.0):
@@ -139,14 +140,19 @@ def _check_rows(report, before_in, before_out, model, match, smol_tok):
     assert report["vocab"]["shared"] == len(shared)
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m not in NEEDS_RESOURCE])
+@pytest.fixture(scope="module")
+def hypernet(tmp_path_factory, gemma_untied, gemma_tok):
+    return tiny_hypernet(tmp_path_factory.mktemp("zett"), gemma_untied, gemma_tok)
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_every_method_on_tiny_untied_model(method, gemma_untied, smol_donor, gemma_tok, smol_tok,
-                                           match, word_vectors):
+                                           match, word_vectors, hypernet):
     model = copy.deepcopy(gemma_untied)
     before_in = model.get_input_embeddings().weight.detach().clone()
     before_out = model.get_output_embeddings().weight.detach().clone()
     report = transplant_model(model, gemma_tok, smol_tok, method, k=2, donor=smol_donor,
-                              wechsel=WechselResources(word_vectors[2]))
+                              wechsel=WechselResources(word_vectors[2]), hypernet=hypernet)
     _check_rows(report, before_in, before_out, model, match, smol_tok)
     assert set(report["sides"]) == {"input", "output"}
     if method in ("zero", "mean", "random"):
@@ -161,10 +167,72 @@ def test_every_method_on_tiny_untied_model(method, gemma_untied, smol_donor, gem
     assert torch.isfinite(model(ids).logits).all()
 
 
-def test_tied_stays_tied(gemma_tok, smol_tok, smol_donor, match):
+def _roberta_layer(i: int) -> set[str]:
+    pre = f"model.encoder.layer.{i}."
+    mods = ["attention.self.query", "attention.self.key", "attention.self.value",
+            "attention.output.dense", "attention.output.LayerNorm", "intermediate.dense",
+            "output.dense", "output.LayerNorm"]
+    return {pre + m + p for m in mods for p in (".weight", ".bias")}
+
+
+def _projector(name: str) -> set[str]:
+    return {f"{name}.{m}.{p}" for m in ("dense1", "dense2", "ln") for p in ("weight", "bias")}
+
+
+def test_zett_checkpoint_layout_is_the_published_one(hypernet):
+    """The parameter names of ZeTT's PyTorch hypernetworks (hf_hypernet/modeling_hypernet.py
+    of bminixhofer/zett), written out: loading a real checkpoint depends on them."""
+    from safetensors import safe_open
+
+    with safe_open(hypernet / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    def linear(name: str) -> set[str]:
+        return {name + ".weight", name + ".bias"}
+
+    expected = (
+        {f"model.embeddings.{e}_embeddings.weight" for e in ("word", "position", "token_type")}
+        | linear("model.embeddings.LayerNorm") | _roberta_layer(0)
+        | {"fallback_embeddings.weight"}
+        | linear("input_projection.0") | _projector("input_projection.1")
+        | _projector("output_projection.0") | linear("output_projection.1")
+        | _projector("output_projection_out.0") | linear("output_projection_out.1")
+        | {f"{s}.{p}" for s in ("in_scaler", "scaler", "out_scaler") for p in "wb"}
+        | linear("bias_projection")
+    )
+    assert keys == expected
+
+
+def test_zett_rows_are_the_hypernetwork_on_the_base_pieces(gemma_untied, gemma_tok, smol_tok,
+                                                            match, hypernet):
+    """New rows = the hypernetwork applied to the base rows (input | lm_head) of the token's
+    pieces under the base tokenizer; padding does not change a prediction."""
+    model = copy.deepcopy(gemma_untied)
+    e_in = model.get_input_embeddings().weight.detach().clone()
+    e_out = model.get_output_embeddings().weight.detach().clone()
+    report = transplant_model(model, gemma_tok, smol_tok, "zett", hypernet=hypernet)
+    assert report["params"] == {"hypernet": str(hypernet)}
+    net = zett.load(hypernet, 64, tied=False, base_rows=len(e_in))
+    source = torch.cat([e_in, e_out], dim=1)
+    pieces_of = byte_vocab(smol_tok).pieces
+    words = [(i, pieces_of[i].decode()) for i in match.new_ids
+             if pieces_of[i].strip().isascii() and pieces_of[i].strip().isalpha()][:20]
+    assert len(words) == 20
+    for i, text in words:
+        pieces = gemma_tok(text, add_special_tokens=False)["input_ids"]
+        for width in (net.maxlen, net.maxlen + 5):
+            surface = torch.full((1, width), net.pad_id)
+            surface[0, : len(pieces)] = torch.tensor(pieces[: net.maxlen])
+            p_in, p_out = zett.predict(net, surface, source)
+            assert torch.allclose(model.get_input_embeddings().weight[i], p_in[0], atol=1e-5)
+            assert torch.allclose(model.get_output_embeddings().weight[i], p_out[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["omp", "zett"])
+def test_tied_stays_tied(method, gemma_tok, smol_tok, smol_donor, match, tmp_path):
     model = tiny_model(gemma_tok, arch="qwen2", tied=True, seed=3)
     before = model.get_input_embeddings().weight.detach().clone()
-    report = transplant_model(model, gemma_tok, smol_tok, "omp", k=2, donor=smol_donor, fast=True)
+    report = transplant_model(model, gemma_tok, smol_tok, method, k=2, donor=smol_donor, fast=True,
+                              hypernet=tiny_hypernet(tmp_path, model, gemma_tok))
     _check_rows(report, before, None, model, match, smol_tok)
     assert report["tied"] and set(report["sides"]) == {"input"}
 
@@ -205,20 +273,33 @@ def _cli(capsys, *args) -> tuple[int, str]:
     return e.value.code, capsys.readouterr().err
 
 
-def test_bad_inputs_one_line_exit_2_nothing_written(dirs, capsys, tmp_path):
+def test_bad_inputs_one_line_exit_2_nothing_written(dirs, capsys, tmp_path, gemma_tok,
+                                                      gemma_untied):
     base, donor = str(dirs / "base"), str(dirs / "donor")
     existing = tmp_path / "exists"
     existing.mkdir()
     (existing / "keep").write_text("x")
     blocker = tmp_path / "file"
     blocker.write_text("x")
+    nets = tmp_path.parent / f"{tmp_path.name}-nets"
+    tied = tiny_hypernet(nets / "tied", tiny_model(gemma_tok), gemma_tok)
+    multilingual = tiny_hypernet(nets / "multi", gemma_untied, gemma_tok, hn_embed_lang_id=True)
+    bin_only = tiny_hypernet(nets / "bin", gemma_untied, gemma_tok)
+    (bin_only / "model.safetensors").rename(bin_only / "pytorch_model.bin")
     cases = [
         (["--out", str(existing)], "already exists"),
         (["--out", str(blocker / "sub")], "cannot write"),
         (["--out", str(tmp_path / "a"), "--tokenizer", str(dirs / "tok-only")], "--method fvt"),
         (["--out", str(tmp_path / "b"), "--donor", base], "different vocabulary"),
         (["--out", str(tmp_path / "c"), "--k", "1000000"], "exceeds the"),
-        (["--out", str(tmp_path / "d"), "--method", "zett"], "ZeTT hypernetwork"),
+        (["--out", str(tmp_path / "d"), "--method", "zett"], "--hypernet DIR"),
+        (["--out", str(tmp_path / "h"), "--method", "zett", "--hypernet", str(bin_only)],
+         "safetensors only"),
+        (["--out", str(tmp_path / "i"), "--method", "zett", "--hypernet", str(multilingual)],
+         "language ids"),
+        (["--out", str(tmp_path / "j"), "--method", "zett", "--hypernet", str(tied)],
+         "trained for a model of hidden size 64 with tied embeddings; the base has hidden size "
+         "64 with untied"),
         (["--out", str(tmp_path / "e"), "--method", "wechsel"], "--vectors FILE.vec"),
         (["--out", str(tmp_path / "f"), "--method", "wechsel", "--vectors", str(blocker),
           "--target_vectors", str(blocker)], "both --target_vectors and --dictionary"),

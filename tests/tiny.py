@@ -34,3 +34,33 @@ def tiny_model(tokenizer, arch: str = "llama", tied: bool = True, seed: int = 0)
         raise ValueError(arch)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def tiny_hypernet(path, model, tokenizer, seed: int = 0, **overrides):
+    """A random 1-layer ZeTT hypernetwork checkpoint for `model` (config.json + safetensors)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from ctd.transplant.zett import Hypernet
+
+    path = Path(path)
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    cfg = {"model_type": "zett_hypernetwork", "hn_surface_maxlen": 8, "hn_n_layers": 1,
+           "n_embd": model.config.hidden_size, "hn_hidden_size": 32, "hn_intermediate_size": 64,
+           "hn_num_attention_heads": 2, "hn_rescale_embeddings": True,
+           "hn_embed_using_source_embeddings": True, "hn_single_head": False,
+           "hn_predict_bias": True, "separate_out_embeddings": not tied,
+           "original_vocab_size": len(tokenizer), "hn_n_extra_tokens": 0,
+           "pad_token_id": tokenizer.pad_token_id} | overrides
+    torch.manual_seed(seed)
+    net = Hypernet(cfg, {"model.embeddings.position_embeddings.weight": (514, 32),
+                         "model.embeddings.token_type_embeddings.weight": (1, 32)})
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path / "model.safetensors")
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path

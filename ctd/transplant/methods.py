@@ -2,7 +2,7 @@
 
 Almost every method writes a new row as a weighted sum of base rows, so a method returns a
 sparse weight matrix over base ids; the same weights then serve the input embedding and an
-untied lm_head. Donor-space methods (omp, knn, focus-donor, tokenadapt-hybrid) compare the new
+untied lm_head. ZeTT's hypernetwork predicts the rows themselves, for each matrix. Donor-space methods (omp, knn, focus-donor, tokenadapt-hybrid) compare the new
 token with the shared tokens through a donor model that already uses the new tokenizer.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from ctd.errors import CtdError
 from ctd.tokens import byte_vocab
+from ctd.transplant import zett
 from ctd.transplant.omp import omp
 from ctd.transplant.vocab import VocabMatch
 from ctd.transplant.wechsel import TEMPERATURE, WechselResources, aligned_vectors, token_vectors
@@ -37,18 +39,25 @@ RIDGE = 0.01
 
 @dataclass
 class Approximation:
-    """Rows of the new tokens as weights over base rows; fallback rows get `fill` instead."""
+    """Rows of the new tokens as weights over base rows (or, from a hypernetwork, the rows of
+    each matrix); fallback rows get `fill` instead."""
 
-    weights: Tensor | None  # sparse [n, V_base]; None: every row is a fallback
+    weights: Tensor | None  # sparse [n, V_base]; None: rows given or every row is a fallback
     fallback: Tensor  # bool [n]
     fill: str = "mean"  # "mean" | "zero" | "random"
     stats: dict = field(default_factory=dict)
+    rows: dict[str, Tensor] | None = None  # side ("input", "output") -> [n, D]
 
-    def apply(self, base: Tensor, real: np.ndarray, seed: int = 0) -> Tensor:
-        """The new rows, given a base matrix [V_base, D] and its real (non-special) row ids."""
+    def apply(self, base: Tensor, real: np.ndarray, side: str = "input", seed: int = 0) -> Tensor:
+        """The new rows of one side, given its base matrix [V_base, D] and the real
+        (non-special) base row ids."""
         n, fb = len(self.fallback), self.fallback
-        out = torch.zeros(n, base.shape[1]) if self.weights is None else torch.sparse.mm(
-            self.weights, base.float())
+        if self.rows is not None:
+            out = self.rows[side].float().clone()
+        elif self.weights is None:
+            out = torch.zeros(n, base.shape[1])
+        else:
+            out = torch.sparse.mm(self.weights, base.float())
         if not fb.any() or self.fill == "zero":
             out[fb] = 0.0
             return out
@@ -62,7 +71,8 @@ class Approximation:
 
 @dataclass
 class Inputs:
-    """What a method may use: the match, the tokenizers, and the donor matrix of this side."""
+    """What a method may use: the match, the tokenizers, the donor matrix of this side, the
+    base matrices, and the method's local resources."""
 
     match: VocabMatch
     base_tok: object
@@ -72,6 +82,8 @@ class Inputs:
     fast: bool = False
     on_batch: Callable[[int], None] | None = None
     wechsel: WechselResources | None = None
+    hypernet: Path | None = None  # zett
+    base: dict[str, Tensor] = field(default_factory=dict)  # side -> base matrix
 
 
 def _sparse(rows: Tensor, cols: Tensor, vals: Tensor, n: int, vb: int) -> Tensor:
@@ -282,6 +294,27 @@ def method_wechsel(inp: Inputs, ids: np.ndarray, vb: int) -> Approximation:
         "base_tokens_with_vectors": len(cand), "mean_top_similarity": float(sims[:, 0].mean())})
 
 
+def method_zett(inp: Inputs, ids: np.ndarray, vb: int) -> Approximation:
+    """Rows predicted by a ZeTT hypernetwork from the base rows of each token's pieces."""
+    e_in, e_out = inp.base["input"], inp.base.get("output")
+    net = zett.load(inp.hypernet, e_in.shape[1], e_out is None, len(e_in))
+    owner, pieces = _base_pieces(inp, ids)
+    n = len(ids)
+    surface, truncated = zett.surface_forms(owner, pieces, n, net.maxlen, net.pad_id)
+    has = torch.zeros(n, dtype=torch.bool)
+    has[owner] = True
+    source = e_in.float() if e_out is None else torch.cat([e_in, e_out], dim=1).float()
+    p_in, p_out = zett.predict(net, surface[has], source, on_batch=inp.on_batch)
+    rows = {"input": torch.zeros(n, e_in.shape[1])}
+    rows["input"][has] = p_in
+    if p_out is not None:
+        rows["output"] = torch.zeros(n, e_in.shape[1])
+        rows["output"][has] = p_out
+    return Approximation(None, ~has, rows=rows, stats={
+        "mean_pieces": float(len(owner) / max(1, int(has.sum()))),
+        "truncated": truncated, "max_pieces": net.maxlen})
+
+
 def method_const(fill: str) -> Callable[[Inputs, np.ndarray, int], Approximation]:
     def run(inp: Inputs, ids: np.ndarray, vb: int) -> Approximation:
         a = _no_rows(len(ids))
@@ -300,9 +333,5 @@ RUN: dict[str, Callable[[Inputs, np.ndarray, int], Approximation]] = {
     "focus-donor": method_focus,
     "tokenadapt-hybrid": method_tokenadapt,
     "wechsel": method_wechsel,
-}
-# Methods whose resources cannot be had offline; refused before anything is loaded.
-NEEDS_RESOURCE = {
-    "zett": "method 'zett' needs a pretrained ZeTT hypernetwork for the base model, which this "
-    "version cannot run; use --method omp (with a donor), fvt, or wechsel (with --vectors)",
+    "zett": method_zett,
 }

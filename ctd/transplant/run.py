@@ -24,12 +24,12 @@ from ctd.transplant.methods import (
     DEFAULT_K,
     DONOR_METHODS,
     METHODS,
-    NEEDS_RESOURCE,
     RUN,
     Inputs,
 )
 from ctd.transplant.vocab import match_vocab, require_shared
 from ctd.transplant.wechsel import WechselResources
+from ctd.transplant.zett import read_config
 from ctd.zoo import ZOO, load_model, load_tokenizer, resolve_tokenizer
 
 
@@ -78,12 +78,12 @@ def _matrices(model) -> tuple[Tensor, Tensor | None]:
     return inp.detach(), out.weight.detach()
 
 
-def _build(base: Tensor, match, approx, real: np.ndarray) -> Tensor:
+def _build(base: Tensor, match, approx, real: np.ndarray, side: str) -> Tensor:
     """Shared rows copied bit for bit; the rest from the method."""
     new = torch.empty(match.new_rows, base.shape[1], dtype=base.dtype)
     shared = torch.as_tensor(match.shared_ids)
     new[shared] = base[torch.as_tensor(match.to_base[match.shared_ids])]
-    new[torch.as_tensor(match.new_ids)] = approx.apply(base, real).to(base.dtype)
+    new[torch.as_tensor(match.new_ids)] = approx.apply(base, real, side).to(base.dtype)
     return new
 
 
@@ -141,11 +141,16 @@ def analyse(base: str, tokenizer: str, examples: int = 8) -> dict:
                        examples).summary()
 
 
-def _validate(method: str, donor: object, wechsel: WechselResources | None = None) -> None:
+def _validate(method: str, donor: object, wechsel: WechselResources | None = None,
+              hypernet: Path | None = None) -> None:
     if method not in METHODS:
         raise CtdError(f"unknown method '{method}'; choose one of: {', '.join(METHODS)}")
-    if method in NEEDS_RESOURCE:
-        raise CtdError(NEEDS_RESOURCE[method])
+    if method == "zett":
+        if hypernet is None:
+            raise CtdError("method 'zett' needs a local ZeTT hypernetwork trained for the base "
+                           "model: pass --hypernet DIR (config.json + model.safetensors); nothing "
+                           "is downloaded")
+        read_config(hypernet)
     if method == "wechsel":
         if wechsel is None:
             raise CtdError("method 'wechsel' needs local word vectors: pass --vectors FILE.vec "
@@ -169,14 +174,15 @@ def transplant_model(
     fast: bool = False,
     show_progress: bool = False,
     wechsel: WechselResources | None = None,
+    hypernet: Path | None = None,
 ) -> dict:
     """Put a loaded model onto `new_tok` in place; `donor` is a model using `new_tok`;
-    `wechsel` the word vectors of method wechsel.
+    `wechsel` the word vectors of method wechsel, `hypernet` the checkpoint of method zett.
 
     Returns the report (vocabulary match, per-matrix statistics, timings).
     """
     t0 = time.perf_counter()
-    _validate(method, donor, wechsel)
+    _validate(method, donor, wechsel, hypernet)
     k = k if k is not None else DEFAULT_K.get(method, 0)
     if method in DEFAULT_K and k < 1:
         raise CtdError(f"--k must be at least 1 (got {k})")
@@ -203,17 +209,19 @@ def transplant_model(
             if id(dmat) not in by_donor:
                 task = bar.add_task(f"{method} {side}", total=len(ids), info="")
                 inp = Inputs(match, base_tok, new_tok, dmat, k, fast,
-                             on_batch=lambda n, task=task: bar.advance(task, n), wechsel=wechsel)
+                             on_batch=lambda n, task=task: bar.advance(task, n), wechsel=wechsel,
+                             hypernet=hypernet, base={s: m for s, (m, _) in sides.items()})
                 by_donor[id(dmat)] = RUN[method](inp, ids, len(matrix))
                 bar.update(task, completed=len(ids))
             approx = by_donor[id(dmat)]
-            built[side] = _build(matrix, match, approx, real)
+            built[side] = _build(matrix, match, approx, real, side)
             stats[side] = {"fallback": int(approx.fallback.sum()), **approx.stats}
     _install(model, built["input"], built.get("output"), new_tok)
     return {
         "method": method,
         "params": ({"k": k, "fast": fast} if method in DEFAULT_K else {})
-        | ({name: v and str(v) for name, v in vars(wechsel).items()} if method == "wechsel" else {}),
+        | ({name: v and str(v) for name, v in vars(wechsel).items()} if method == "wechsel" else {})
+        | ({"hypernet": str(hypernet)} if method == "zett" else {}),
         "tied": base_out is None,
         "vocab": match.summary(),
         "sides": stats,
@@ -232,12 +240,13 @@ def transplant(
     overwrite: bool = False,
     show_progress: bool = True,
     wechsel: WechselResources | None = None,
+    hypernet: Path | None = None,
 ) -> dict:
     """Transplant `base` onto `tokenizer` and write an HF directory to `out`; returns the report."""
     t0 = time.perf_counter()
     out = check_output(out, overwrite)
     donor = donor or default_donor(tokenizer)
-    _validate(method, donor, wechsel)
+    _validate(method, donor, wechsel, hypernet)
     new_tok = load_tokenizer(tokenizer)
     base_tok = load_tokenizer(base)
     byte_vocab(new_tok), byte_vocab(base_tok)  # refuse unsupported tokenizers before loading
@@ -250,7 +259,7 @@ def transplant(
     t_load = time.perf_counter() - t0
     report = {"base": base, "tokenizer": tokenizer, "donor": donor if donor_model else None}
     report |= transplant_model(model, base_tok, new_tok, method, k, donor_model, fast, show_progress,
-                               wechsel)
+                               wechsel, hypernet)
     del donor_model
     t = time.perf_counter()
     with atomic_dir(out, overwrite=overwrite) as tmp:
