@@ -158,7 +158,8 @@ def _build(tokenizer) -> ByteVocab:
     starts = np.fromiter(map(methodcaller("startswith", _WORD_START), pieces), dtype=bool,
                          count=size)
     adds_prefix = kind == "sentencepiece" and _adds_prefix_space(tokenizer, pieces)
-    return ByteVocab(name, kind, tuple(pieces), tuple(strings), lengths, special, starts | special, adds_prefix, nfc)
+    return ByteVocab(name, kind, tuple(pieces), tuple(strings), lengths, special, starts | special,
+                     adds_prefix, nfc)
 
 
 def _adds_prefix_space(tokenizer, pieces: list[bytes]) -> bool:

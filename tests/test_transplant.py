@@ -284,6 +284,7 @@ def test_bad_inputs_one_line_exit_2_nothing_written(dirs, capsys, tmp_path, gemm
     nets = tmp_path.parent / f"{tmp_path.name}-nets"
     tied = tiny_hypernet(nets / "tied", tiny_model(gemma_tok), gemma_tok)
     multilingual = tiny_hypernet(nets / "multi", gemma_untied, gemma_tok, hn_embed_lang_id=True)
+    bigger = tiny_hypernet(nets / "big", gemma_untied, gemma_tok, original_vocab_size=10**6)
     bin_only = tiny_hypernet(nets / "bin", gemma_untied, gemma_tok)
     (bin_only / "model.safetensors").rename(bin_only / "pytorch_model.bin")
     cases = [
@@ -300,6 +301,8 @@ def test_bad_inputs_one_line_exit_2_nothing_written(dirs, capsys, tmp_path, gemm
         (["--out", str(tmp_path / "j"), "--method", "zett", "--hypernet", str(tied)],
          "trained for a model of hidden size 64 with tied embeddings; the base has hidden size "
          "64 with untied"),
+        (["--out", str(tmp_path / "k"), "--method", "zett", "--hypernet", str(bigger)],
+         "trained for a vocabulary of 1,000,000 tokens; the base has 262,144 rows"),
         (["--out", str(tmp_path / "e"), "--method", "wechsel"], "--vectors FILE.vec"),
         (["--out", str(tmp_path / "f"), "--method", "wechsel", "--vectors", str(blocker),
           "--target_vectors", str(blocker)], "both --target_vectors and --dictionary"),

@@ -2,8 +2,9 @@
 
 Almost every method writes a new row as a weighted sum of base rows, so a method returns a
 sparse weight matrix over base ids; the same weights then serve the input embedding and an
-untied lm_head. ZeTT's hypernetwork predicts the rows themselves, for each matrix. Donor-space methods (omp, knn, focus-donor, tokenadapt-hybrid) compare the new
-token with the shared tokens through a donor model that already uses the new tokenizer.
+untied lm_head; only ZeTT's hypernetwork predicts the rows of each matrix themselves.
+Donor-space methods (omp, knn, focus-donor, tokenadapt-hybrid) compare the new token with the
+shared tokens through a donor model that already uses the new tokenizer.
 """
 
 from __future__ import annotations

@@ -141,7 +141,8 @@ class Hypernet(nn.Module):
         x = F.embedding(surface.clamp_max(self.vocab - 1), source)
         if self.rescale:
             x = self.in_scaler(x)
-        x = torch.where(extra[..., None], self.fallback_embeddings((surface - self.vocab).clamp_min(0)), x)
+        own = self.fallback_embeddings((surface - self.vocab).clamp_min(0))
+        x = torch.where(extra[..., None], own, x)
         x = self.input_projection(x)
         positions = torch.arange(surface.shape[1]).expand_as(surface)  # from 0, not RoBERTa's 2
         h = self.model(inputs_embeds=x, attention_mask=(surface != self.pad_id).long(),
@@ -175,22 +176,25 @@ def load(path: Path, hidden: int, tied: bool, base_rows: int) -> Hypernet:
                        "use the hypernetwork trained for this base model")
     if cfg["original_vocab_size"] > base_rows:
         raise CtdError(f"hypernetwork {path} was trained for a vocabulary of "
-                       f"{cfg['original_vocab_size']:,} tokens; the base has {base_rows:,} rows: use "
-                       "the hypernetwork trained for this base model")
+                       f"{cfg['original_vocab_size']:,} tokens; the base has {base_rows:,} rows: "
+                       "use the hypernetwork trained for this base model")
     state = load_file(path / "model.safetensors")
     state.pop("model.embeddings.position_ids", None)  # a buffer older transformers saved
     try:
         net = Hypernet(cfg, {k: v.shape for k, v in state.items()})
         missing, unexpected = net.load_state_dict(state, strict=False)
     except (KeyError, RuntimeError) as e:
-        raise CtdError(f"hypernetwork {path}: weights do not match its config ({str(e)[:300]})") from e
+        raise CtdError(f"hypernetwork {path}: weights do not match its config "
+                       f"({str(e)[:300]})") from e
     if missing or unexpected:
         raise CtdError(f"hypernetwork {path}: weights do not match its config (missing "
                        f"{missing[:3]}, unexpected {unexpected[:3]})")
     return net.eval()
 
 
-def surface_forms(owner: Tensor, pieces: Tensor, n: int, maxlen: int, pad: int) -> tuple[Tensor, int]:
+def surface_forms(
+    owner: Tensor, pieces: Tensor, n: int, maxlen: int, pad: int
+) -> tuple[Tensor, int]:
     """Flat (target, base id) pairs in order -> [n, maxlen] padded with `pad`; also how many
     targets had more than `maxlen` pieces (cut, as ZeTT does)."""
     counts = torch.bincount(owner, minlength=n)
