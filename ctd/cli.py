@@ -306,9 +306,10 @@ def main(argv: list[str] | None = None) -> None:
         print("ctd: interrupted", file=sys.stderr)
         sys.exit(130)
     finally:
-        # the process exits next: spare it the interpreter's final collection over every object
-        # still alive (1.3 s after a transplant involving Gemma-3's 262k-token vocabulary)
-        gc.freeze()
+        if argv is None:  # the console script: the process exits next, so spare it the final
+            # collection over every object still alive (1.3 s after a transplant involving
+            # Gemma-3's 262k-token vocabulary); in-process callers keep their collector
+            gc.freeze()
 
 
 if __name__ == "__main__":

@@ -225,6 +225,8 @@ def test_zett_rows_are_the_hypernetwork_on_the_base_pieces(gemma_untied, gemma_t
             p_in, p_out = zett.predict(net, surface, source)
             assert torch.allclose(model.get_input_embeddings().weight[i], p_in[0], atol=1e-5)
             assert torch.allclose(model.get_output_embeddings().weight[i], p_out[0], atol=1e-5)
+    with pytest.raises(CtdError, match="beyond the 262,145 ids the hypernetwork knows"):
+        zett.predict(net, torch.tensor([[5, len(e_in) + 1]]), source)
 
 
 @pytest.mark.parametrize("method", ["omp", "zett"])

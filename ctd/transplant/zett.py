@@ -210,6 +210,10 @@ def surface_forms(
 def predict(net: Hypernet, surface: Tensor, source: Tensor, batch: int = 1024,
             on_batch: Callable[[int], None] | None = None) -> tuple[Tensor, Tensor | None]:
     """Run the hypernetwork over surface forms in batches: (input rows, lm_head rows or None)."""
+    known = net.vocab + net.fallback_embeddings.num_embeddings
+    if len(surface) and int(surface.max()) >= known:
+        raise CtdError(f"base token id {int(surface.max())} is beyond the {known:,} ids the "
+                       "hypernetwork knows: use the hypernetwork trained for this base tokenizer")
     e_in = torch.zeros(len(surface), net.n_embd)
     e_out = torch.zeros(len(surface), net.n_embd) if net.separate_out else None
     for s in range(0, len(surface), batch):
