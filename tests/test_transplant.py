@@ -287,6 +287,7 @@ def test_bad_inputs_one_line_exit_2_nothing_written(dirs, capsys, tmp_path, gemm
     tied = tiny_hypernet(nets / "tied", tiny_model(gemma_tok), gemma_tok)
     multilingual = tiny_hypernet(nets / "multi", gemma_untied, gemma_tok, hn_embed_lang_id=True)
     bigger = tiny_hypernet(nets / "big", gemma_untied, gemma_tok, original_vocab_size=10**6)
+    partial = tiny_hypernet(nets / "partial", gemma_untied, gemma_tok, original_vocab_size=None)
     bin_only = tiny_hypernet(nets / "bin", gemma_untied, gemma_tok)
     (bin_only / "model.safetensors").rename(bin_only / "pytorch_model.bin")
     cases = [
@@ -305,6 +306,8 @@ def test_bad_inputs_one_line_exit_2_nothing_written(dirs, capsys, tmp_path, gemm
          "64 with untied"),
         (["--out", str(tmp_path / "k"), "--method", "zett", "--hypernet", str(bigger)],
          "trained for a vocabulary of 1,000,000 tokens; the base has 262,144 rows"),
+        (["--out", str(tmp_path / "l"), "--method", "zett", "--hypernet", str(partial)],
+         "config.json lacks original_vocab_size"),
         (["--out", str(tmp_path / "e"), "--method", "wechsel"], "--vectors FILE.vec"),
         (["--out", str(tmp_path / "f"), "--method", "wechsel", "--vectors", str(blocker),
           "--target_vectors", str(blocker)], "both --target_vectors and --dictionary"),

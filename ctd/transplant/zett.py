@@ -31,6 +31,9 @@ _UNSUPPORTED = {  # config fields this runner does not implement (nor does the P
     "hn_embed_target_priors": "target-token priors",
     "hn_concat_last_hidden_state": "concatenated hidden states",
 }
+_REQUIRED = (  # config fields the architecture is built from
+    "n_embd", "hn_hidden_size", "hn_intermediate_size", "hn_n_layers",
+             "original_vocab_size", "pad_token_id")
 
 
 def read_config(path: Path) -> dict:
@@ -54,6 +57,10 @@ def read_config(path: Path) -> dict:
         else:
             fix = "the weights are missing"
         raise CtdError(f"--hypernet {path} has no model.safetensors: {fix}")
+    missing = [key for key in _REQUIRED if cfg.get(key) is None]
+    if missing:
+        raise CtdError(f"--hypernet {path}: config.json lacks {', '.join(missing)}; is it a "
+                       "complete ZeTT hypernetwork checkpoint?")
     used = [what for key, what in _UNSUPPORTED.items() if cfg.get(key)]
     if not cfg.get("hn_embed_using_source_embeddings", False):
         used.append("its own token embeddings instead of the base model's")
