@@ -94,7 +94,7 @@ def distill(
 
     `ctd distill --config configs/heal-smoke.yaml --train.max_steps 20`: a recipe YAML with
     command-line overrides. Checkpoints, logs, config.json and the exported HF model go under
-    `out`, which is never deleted; `--resume true` continues its last checkpoint.
+    `out`, which is never deleted; `--resume` continues its last checkpoint.
 
     Args:
         models: teacher, student, their tokenizers, what of the student trains.
@@ -112,7 +112,7 @@ def distill(
     summary = run(models, data, losses, balance, optim, train, out, resume)
     if summary["interrupted"]:
         console().print(f"interrupted at step {summary['steps']}; checkpoint saved to "
-                        f"{summary['checkpoint']}; continue with --resume true")
+                        f"{summary['checkpoint']}; continue with --resume")
         sys.exit(130)
     console().print(f"trained {summary['steps']} steps; model exported to {summary['export']}")
 
@@ -243,7 +243,7 @@ def transplant(
     Args:
         base: the model whose body is kept.
         tokenizer: the new tokenizer; when it names a model, that model is the donor.
-        out: output directory (never replaced without --overwrite true).
+        out: output directory (never replaced without --overwrite).
         method: omp, fvt, mean, zero, random, knn, focus-donor, tokenadapt-hybrid, wechsel, zett.
         k: atoms per token for omp (64), neighbours for knn (8) and wechsel (10).
         donor: a model that uses the new tokenizer (omp, knn, focus-donor, tokenadapt-hybrid).
@@ -277,14 +277,22 @@ VERBS = {"zoo": zoo, "vocab": vocab, "transplant": transplant, "eval": evaluate,
          "ensemble-recipe": ensemble_recipe}
 
 
-def _underscored(argv: list[str]) -> list[str]:
-    """Accept `--max-bytes` as well as jsonargparse's `--max_bytes`."""
+def _normalised(argv: list[str]) -> list[str]:
+    """Accept `--max-bytes` as well as jsonargparse's `--max_bytes`, and a bare boolean flag of
+    the verb (`--overwrite`) as well as `--overwrite true`."""
+    import typing
+
+    verb = VERBS.get(argv[0]) if argv else None
+    hints = typing.get_type_hints(verb) if verb is not None else {}
+    flags = {f"--{name}" for name, hint in hints.items() if hint is bool}
     out = []
-    for arg in argv:
+    for i, arg in enumerate(argv):
         if arg.startswith("--") and len(arg) > 2:
             name, eq, value = arg[2:].partition("=")
             arg = "--" + name.replace("-", "_") + eq + value
         out.append(arg)
+        if arg in flags and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            out.append("true")
     return out
 
 
@@ -297,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     hf_logging.disable_progress_bar()  # per-file "Loading weights" bars; ctd shows its own
     try:
-        auto_cli(VERBS, args=_underscored(sys.argv[1:] if argv is None else argv),
+        auto_cli(VERBS, args=_normalised(sys.argv[1:] if argv is None else argv),
                  as_positional=False)
     except CtdError as e:
         print(f"ctd: error: {e}", file=sys.stderr)

@@ -270,7 +270,7 @@ def _check_out(out: Path, config: dict, resume: bool) -> None:
             raise CtdError(f"{out} was made by a different config (differs in: {', '.join(diff)}); "
                            "resume with the same config or choose another --out")
     elif out.exists() and any(out.iterdir()):
-        raise CtdError(f"output directory {out} is not empty; pass --resume true to continue it "
+        raise CtdError(f"output directory {out} is not empty; pass --resume to continue it "
                        "or choose another --out")
 
 

@@ -75,3 +75,13 @@ def test_cli_accepts_dashed_flags(capsys):
         main(["eval", "--model", "smollm2-135m", "--max-bytes", "0", "--corpus", "nope"])
     assert exit_.value.code == 2
     assert "unknown corpus 'nope'" in capsys.readouterr().err
+
+
+def test_cli_bare_boolean_flags_mean_true():
+    from ctd.cli import _normalised
+
+    assert _normalised(["transplant", "--fast", "--out", "d", "--overwrite"]) == [
+        "transplant", "--fast", "true", "--out", "d", "--overwrite", "true"]
+    assert _normalised(["transplant", "--fast", "false", "--max-bytes", "3"]) == [
+        "transplant", "--fast", "false", "--max_bytes", "3"]
+    assert _normalised(["eval", "--model", "m"]) == ["eval", "--model", "m"]  # no bools given

@@ -37,7 +37,7 @@ def check_output(out: Path, overwrite: bool) -> Path:
     """Refuse an existing or unwritable output before any work is done."""
     out = Path(out).expanduser().resolve()
     if out.exists() and not overwrite:
-        raise CtdError(f"output directory {out} already exists; pass --overwrite true or choose another")
+        raise CtdError(f"output directory {out} already exists; pass --overwrite or choose another")
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
