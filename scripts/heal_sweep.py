@@ -59,7 +59,7 @@ def main() -> None:
             out = args.out / name
             with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON
                 heal_arm(dataclasses.replace(cfg, lr=lr), moved.resolve(),
-                      [LossSpec(loss) for loss in arm.split(",")], out)
+                         [LossSpec(loss) for loss in arm.split(",")], out)
             curve, teacher = val_curve(out / "logs" / "version_0" / "metrics.csv")
             report["arms"][name] = {"val_bpb": curve, "final_val_bpb": curve[-1][1]}
             if teacher is not None:

@@ -64,3 +64,11 @@ def tiny_hypernet(path, model, tokenizer, seed: int = 0, **overrides):
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path / "model.safetensors")
     (path / "config.json").write_text(json.dumps(cfg))
     return path
+
+
+def write_vec(path, words, vectors, header=True):
+    """Word vectors in fastText's .vec text format (optional "count dim" header)."""
+    lines = [f"{len(words)} {vectors.shape[1]}"] if header else []
+    lines += [w + " " + " ".join(f"{x:.6f}" for x in v) for w, v in zip(words, vectors, strict=True)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
