@@ -16,6 +16,9 @@ from ctd.losses.combine import LossSpec
 from ctd.recipes.ensemble import EnsembleConfig
 from ctd.recipes.heal import HealConfig
 from ctd.recipes.math_distill import MathConfig
+from ctd.transplant.methods import METHODS, RESOURCES
+
+MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 
 
 def zoo() -> None:
@@ -226,15 +229,12 @@ def transplant(
     base: str,
     tokenizer: str,
     out: Path,
-    method: str = "omp",
+    method: MethodName = "omp",
     k: int | None = None,
     donor: str | None = None,
     fast: bool = False,
     overwrite: bool = False,
-    vectors: Path | None = None,
-    target_vectors: Path | None = None,
-    dictionary: Path | None = None,
-    hypernet: Path | None = None,
+    **resources: Path | None,
 ) -> None:
     """Move a model onto a new tokenizer without training (OMP by default).
 
@@ -244,23 +244,17 @@ def transplant(
         base: the model whose body is kept.
         tokenizer: the new tokenizer; when it names a model, that model is the donor.
         out: output directory (never replaced without --overwrite).
-        method: omp, fvt, mean, zero, random, knn, focus-donor, tokenadapt-hybrid, wechsel, zett.
-        k: atoms per token for omp (64), neighbours for knn (8) and wechsel (10).
-        donor: a model that uses the new tokenizer (omp, knn, focus-donor, tokenadapt-hybrid).
+        method: {methods}
+        k: {k}
+        donor: a model that uses the new tokenizer ({donor}).
         fast: OMP fast mode (full-dictionary correlations every 8 steps instead of every step).
         overwrite: replace an existing output directory.
-        vectors: wechsel: word vectors of the base model's language (fastText .vec text).
-        target_vectors: wechsel: word vectors of the new tokenizer's language, if another.
-        dictionary: wechsel: "source_word target_word" lines aligning the two.
-        hypernet: zett: a ZeTT hypernetwork for the base model (config.json + model.safetensors).
+{resources}
     """
     from ctd.report import console
     from ctd.transplant.run import transplant as run
-    from ctd.transplant.wechsel import WechselResources
 
-    resources = WechselResources(vectors, target_vectors, dictionary) if vectors else None
-    report = run(base, tokenizer, out, method, k, donor, fast, overwrite, wechsel=resources,
-                 hypernet=hypernet)
+    report = run(base, tokenizer, out, method, k, donor, fast, overwrite, resources=resources)
     v, t = report["vocab"], report["timings"]
     console().print(f"{v['shared']:,} shared tokens copied, {v['approximated']:,} approximated "
                     f"with {method} in {t['method_s']:.1f} s; wrote {report['out']}")
@@ -270,6 +264,27 @@ def transplant(
             console().print(f"{side}: mean relative residual in donor space {res['mean']:.3f}")
     for w in v["warnings"]:
         console().print(f"[yellow]warning:[/] {w}")
+
+
+def _methods_interface(verb):
+    """The transplant verb's method choices, help and resource flags, from the registry."""
+    import inspect
+
+    ms = METHODS.values()
+    transplant.__doc__ = verb.__doc__.format(
+        methods="; ".join(f"{m.name}: {m.about}" for m in ms) + ".",
+        k="atoms per token (" + ", ".join(f"{m.name} {m.k}" for m in ms if m.k) + ").",
+        donor=", ".join(m.name for m in ms if m.donor),
+        resources="\n".join(f"        {r.name}: {r.help}." for r in RESOURCES.values()))
+    sig = inspect.signature(verb)
+    params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    params += [inspect.Parameter(r.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                 annotation=Path | None) for r in RESOURCES.values()]
+    verb.__signature__ = sig.replace(parameters=params)
+    return verb
+
+
+_methods_interface(transplant)
 
 
 VERBS = {"zoo": zoo, "vocab": vocab, "transplant": transplant, "eval": evaluate,
@@ -296,17 +311,32 @@ def _normalised(argv: list[str]) -> list[str]:
     return out
 
 
+def _one_line(message: str, verb: str) -> str:
+    """jsonargparse's multi-line parse errors as one line naming the flag."""
+    import re
+
+    message = re.sub(r'Parser key "([\w.]+)":', lambda m: f"--{m.group(1)}:", message)
+    message = re.sub(r"Expected a typing\.Literal\[([^\]]*)\]\. Got value: (.*)",
+                     lambda m: f"expected one of {m.group(1).replace(chr(39), '')}; got "
+                               f"'{m.group(2).strip()}'", message)
+    return " ".join(message.split()) + f" (see: ctd {verb} --help)"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `ctd` console script: user errors become one line and exit status 2."""
-    from jsonargparse import auto_cli
+    from jsonargparse import ArgumentError, auto_cli
     from transformers.utils import logging as hf_logging
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     hf_logging.disable_progress_bar()  # per-file "Loading weights" bars; ctd shows its own
+    args = _normalised(sys.argv[1:] if argv is None else argv)
     try:
-        auto_cli(VERBS, args=_normalised(sys.argv[1:] if argv is None else argv),
-                 as_positional=False)
+        auto_cli(VERBS, args=args, as_positional=False, exit_on_error=False)
+    except ArgumentError as e:
+        verb = args[0] if args and args[0] in VERBS else "VERB"
+        print(f"ctd: error: {_one_line(str(e), verb)}", file=sys.stderr)
+        sys.exit(2)
     except CtdError as e:
         print(f"ctd: error: {e}", file=sys.stderr)
         sys.exit(2)

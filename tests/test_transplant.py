@@ -17,7 +17,6 @@ from ctd.tokens import doc_start_id
 from ctd.transplant.methods import METHODS
 from ctd.transplant.run import transplant, transplant_model
 from ctd.transplant.vocab import match_vocab, require_shared
-from ctd.transplant.wechsel import WechselResources
 from tests.tiny import tiny_hypernet, tiny_model
 
 
@@ -42,8 +41,12 @@ def test_every_method_on_tiny_untied_model(method, gemma_untied, smol_donor, gem
     model = copy.deepcopy(gemma_untied)
     before_in = model.get_input_embeddings().weight.detach().clone()
     before_out = model.get_output_embeddings().weight.detach().clone()
-    report = transplant_model(model, gemma_tok, smol_tok, method, k=2, donor=smol_donor,
-                              wechsel=WechselResources(word_vectors[2]), hypernet=hypernet)
+    spec = METHODS[method]
+    files = {"vectors": word_vectors[2], "hypernet": hypernet}
+    report = transplant_model(model, gemma_tok, smol_tok, method, k=2 if spec.k else None,
+                              donor=smol_donor if spec.donor else None,
+                              resources={r.name: files[r.name] for r in spec.resources
+                                         if r.required})
     _check_rows(report, before_in, before_out, model, match, smol_tok)
     assert set(report["sides"]) == {"input", "output"}
     if method in ("zero", "mean", "random"):
@@ -62,8 +65,12 @@ def test_every_method_on_tiny_untied_model(method, gemma_untied, smol_donor, gem
 def test_tied_stays_tied(method, gemma_tok, smol_tok, smol_donor, match, tmp_path):
     model = tiny_model(gemma_tok, arch="qwen2", tied=True, seed=3)
     before = model.get_input_embeddings().weight.detach().clone()
-    report = transplant_model(model, gemma_tok, smol_tok, method, k=2, donor=smol_donor, fast=True,
-                              hypernet=tiny_hypernet(tmp_path, model, gemma_tok))
+    if method == "omp":
+        report = transplant_model(model, gemma_tok, smol_tok, method, k=2, donor=smol_donor,
+                                  fast=True)
+    else:
+        report = transplant_model(model, gemma_tok, smol_tok, method, resources={
+            "hypernet": tiny_hypernet(tmp_path, model, gemma_tok)})
     _check_rows(report, before, None, model, match, smol_tok)
     assert report["tied"] and set(report["sides"]) == {"input"}
 
@@ -142,6 +149,10 @@ def test_bad_inputs_one_line_exit_2_nothing_written(dirs, capsys, tmp_path, gemm
           "--target_vectors", str(blocker)], "both --target_vectors and --dictionary"),
         (["--out", str(tmp_path / "g"), "--method", "wechsel", "--vectors", str(blocker)],
          "fastText .vec text format"),
+        (["--out", str(tmp_path / "m"), "--vectors", str(blocker)], "not used by method 'omp'"),
+        (["--out", str(tmp_path / "n"), "--method", "fvt", "--k", "3"], "takes no --k"),
+        (["--out", str(tmp_path / "o"), "--method", "knn", "--fast"], "no fast mode"),
+        (["--out", str(tmp_path / "p"), "--method", "nope"], "expected one of omp, fvt"),
     ]
     for extra, needle in cases:
         args = ["transplant", "--base", base, "--tokenizer", donor, *extra]

@@ -56,7 +56,7 @@ def test_zett_rows_are_the_hypernetwork_on_the_base_pieces(gemma_untied, gemma_t
     model = copy.deepcopy(gemma_untied)
     e_in = model.get_input_embeddings().weight.detach().clone()
     e_out = model.get_output_embeddings().weight.detach().clone()
-    report = transplant_model(model, gemma_tok, smol_tok, "zett", hypernet=hypernet)
+    report = transplant_model(model, gemma_tok, smol_tok, "zett", resources={"hypernet": hypernet})
     assert report["params"] == {"hypernet": str(hypernet)}
     net = zett.load(hypernet, 64, tied=False, base_rows=len(e_in))
     source = torch.cat([e_in, e_out], dim=1)

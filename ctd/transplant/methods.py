@@ -18,16 +18,13 @@ import torch
 from torch import Tensor
 
 from ctd.errors import CtdError
+from ctd.numerics import fast_dtype
 from ctd.tokens import byte_vocab
 from ctd.transplant import zett
 from ctd.transplant.omp import omp
 from ctd.transplant.vocab import VocabMatch
 from ctd.transplant.wechsel import TEMPERATURE, WechselResources, aligned_vectors, token_vectors
 
-DONOR_METHODS = ("omp", "knn", "focus-donor", "tokenadapt-hybrid")
-METHODS = ("omp", "fvt", "mean", "zero", "random", "knn", "focus-donor", "tokenadapt-hybrid",
-           "zett", "wechsel")
-DEFAULT_K = {"omp": 64, "knn": 8, "wechsel": 10}
 FAST = {"pool": 64, "refresh": 8}  # the fast OMP mode (quality measured by the benchmark)
 EXACT = {"pool": 32, "refresh": 1}
 # Ridge on OMP's least squares (fraction of the mean squared atom norm). Without it, SmolLM2
@@ -82,8 +79,7 @@ class Inputs:
     k: int
     fast: bool = False
     on_batch: Callable[[int], None] | None = None
-    wechsel: WechselResources | None = None
-    hypernet: Path | None = None  # zett
+    resources: dict[str, Path] = field(default_factory=dict)  # the method's local files
     base: dict[str, Tensor] = field(default_factory=dict)  # side -> base matrix
 
 
@@ -107,14 +103,15 @@ def _dictionary(inp: Inputs, ids: np.ndarray):
 
 
 def _top_similar(Y: Tensor, P: Tensor, m: int, batch: int = 1024) -> tuple[Tensor, Tensor]:
-    """Cosine similarities of each target with its m most similar atoms (bf16 screen, fp32)."""
+    """Cosine similarities of each target with its m most similar atoms (screened in the
+    hardware's fast precision, `ctd.numerics.fast_dtype`; exact in fp32)."""
     Pn = torch.nn.functional.normalize(P.float(), dim=1)
-    Pb = Pn.to(torch.bfloat16)
+    Pb = Pn.to(fast_dtype())
     Yn = torch.nn.functional.normalize(Y.float(), dim=1)
     sims, idx = [], []
     for s in range(0, len(Yn), batch):
         y = Yn[s : s + batch]
-        cand = (y.to(torch.bfloat16) @ Pb.T).topk(min(2 * m, len(P)), dim=1).indices
+        cand = (y.to(Pb.dtype) @ Pb.T).topk(min(2 * m, len(P)), dim=1).indices
         exact = torch.einsum("nd,nmd->nm", y, Pn[cand])
         top = exact.topk(m, dim=1)
         sims.append(top.values)
@@ -277,7 +274,7 @@ def method_tokenadapt(inp: Inputs, ids: np.ndarray, vb: int) -> Approximation:
 
 def method_wechsel(inp: Inputs, ids: np.ndarray, vb: int) -> Approximation:
     """softmax(cos / 0.1) over the k base tokens nearest in word-vector space (ctd.transplant.wechsel)."""
-    src_words, src, tgt_words, tgt = aligned_vectors(inp.wechsel)
+    src_words, src, tgt_words, tgt = aligned_vectors(WechselResources(**inp.resources))
     base_vec, base_has = token_vectors(inp.base_tok, src_words, src, vb)
     new_vec, new_has = token_vectors(inp.new_tok, tgt_words, tgt, int(ids.max()) + 1)
     special = byte_vocab(inp.base_tok).is_special[:vb]
@@ -298,7 +295,7 @@ def method_wechsel(inp: Inputs, ids: np.ndarray, vb: int) -> Approximation:
 def method_zett(inp: Inputs, ids: np.ndarray, vb: int) -> Approximation:
     """Rows predicted by a ZeTT hypernetwork from the base rows of each token's pieces."""
     e_in, e_out = inp.base["input"], inp.base.get("output")
-    net = zett.load(inp.hypernet, e_in.shape[1], e_out is None, len(e_in))
+    net = zett.load(inp.resources["hypernet"], e_in.shape[1], e_out is None, len(e_in))
     owner, pieces = _base_pieces(inp, ids)
     n = len(ids)
     surface, truncated = zett.surface_forms(owner, pieces, n, net.maxlen, net.pad_id)
@@ -324,15 +321,102 @@ def method_const(fill: str) -> Callable[[Inputs, np.ndarray, int], Approximation
     return run
 
 
-RUN: dict[str, Callable[[Inputs, np.ndarray, int], Approximation]] = {
-    "omp": method_omp,
-    "fvt": method_fvt,
-    "mean": method_const("mean"),
-    "zero": method_const("zero"),
-    "random": method_const("random"),
-    "knn": method_knn,
-    "focus-donor": method_focus,
-    "tokenadapt-hybrid": method_tokenadapt,
-    "wechsel": method_wechsel,
-    "zett": method_zett,
-}
+@dataclass(frozen=True)
+class Resource:
+    """A local file or directory a method reads (nothing is ever downloaded)."""
+
+    name: str  # the keyword and the command-line flag (--name)
+    metavar: str
+    help: str
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class Method:
+    """A transplant method: the function that builds the new rows, and what it needs. Every
+    list of methods, their validation, the CLI's choices and flags and the report's parameters
+    derive from `METHODS`; adding a method is one entry here."""
+
+    name: str
+    run: Callable[[Inputs, np.ndarray, int], Approximation]
+    about: str
+    donor: bool = False  # compares tokens in a donor model that uses the new tokenizer
+    k: int | None = None  # default k; None: the method takes no k
+    fast: bool = False  # has a fast mode (--fast)
+    resources: tuple[Resource, ...] = ()
+    check: Callable[[dict[str, Path]], None] | None = None  # reads resources before any loading
+
+    def validate(self, donor: object, k: int | None, fast: bool,
+                 resources: dict[str, Path | None]) -> dict[str, Path]:
+        """Refuse what this method cannot run with, before anything is loaded; returns its
+        resources (the ones given)."""
+        own = {r.name for r in self.resources}
+        for name, value in resources.items():
+            if value is not None and name not in own:
+                users = [m.name for m in METHODS.values() if name in {r.name for r in m.resources}]
+                raise CtdError(f"--{name} is not used by method '{self.name}' (it is for "
+                               f"{', '.join(users)})")
+        for r in self.resources:
+            if r.required and resources.get(r.name) is None:
+                raise CtdError(f"method '{self.name}' needs {r.help}: pass --{r.name} {r.metavar};"
+                               " nothing is downloaded")
+        if k is not None and self.k is None:
+            raise CtdError(f"method '{self.name}' takes no --k")
+        if k is not None and k < 1:
+            raise CtdError(f"--k must be at least 1 (got {k})")
+        if fast and not self.fast:
+            raise CtdError(f"method '{self.name}' has no fast mode; drop --fast")
+        if donor is not None and not self.donor:
+            raise CtdError(f"method '{self.name}' uses no donor; drop --donor")
+        if self.donor and donor is None:
+            raise CtdError(f"method '{self.name}' needs a donor model that uses the target "
+                           "tokenizer; pass --donor MODEL, or use --method fvt, which needs none")
+        given = {name: Path(v) for name, v in resources.items() if v is not None}
+        if self.check is not None:
+            self.check(given)
+        return given
+
+    def params(self, k: int | None, fast: bool, resources: dict[str, Path]) -> dict[str, object]:
+        """The parameters a report records."""
+        return ({"k": k} if self.k is not None else {}) | ({"fast": fast} if self.fast else {}) \
+            | {name: str(path) for name, path in resources.items()}
+
+
+_WECHSEL = (
+    Resource("vectors", "FILE.vec", "word vectors of the base model's language (fastText .vec "
+             "text format)"),
+    Resource("target_vectors", "FILE.vec", "word vectors of the new tokenizer's language, when "
+             "it is another one", required=False),
+    Resource("dictionary", "FILE.txt", "'source_word target_word' lines pairing the two "
+             "languages (with --target_vectors)", required=False),
+)
+
+METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("omp", method_omp, "Orthogonal Matching Pursuit over shared tokens in donor space",
+           donor=True, k=64, fast=True),
+    Method("fvt", method_fvt, "mean of the base rows of the token's pieces under the base "
+           "tokenizer"),
+    Method("mean", method_const("mean"), "the mean of the base rows"),
+    Method("zero", method_const("zero"), "zeros"),
+    Method("random", method_const("random"), "per-dimension normal samples of the base rows"),
+    Method("knn", method_knn, "similarity-weighted k nearest shared tokens in donor space",
+           donor=True, k=8),
+    Method("focus-donor", method_focus, "sparsemax over donor-space similarities (FOCUS)",
+           donor=True),
+    Method("tokenadapt-hybrid", method_tokenadapt, "donor-weighted base pieces + nearest shared "
+           "tokens (TokenAdapt)", donor=True),
+    Method("wechsel", method_wechsel, "nearest base tokens in a word-vector space (WECHSEL)",
+           k=10, resources=_WECHSEL, check=lambda r: WechselResources(**r).check()),
+    Method("zett", method_zett, "a ZeTT hypernetwork trained for the base model",
+           resources=(Resource("hypernet", "DIR", "a local ZeTT hypernetwork trained for the "
+                               "base model (config.json + model.safetensors)"),),
+           check=lambda r: zett.read_config(r["hypernet"])),
+]}
+RESOURCES: dict[str, Resource] = {r.name: r for m in METHODS.values() for r in m.resources}
+
+
+def method(name: str) -> Method:
+    """The registered method called `name`; an unknown name is one clear error."""
+    if name not in METHODS:
+        raise CtdError(f"unknown method '{name}'; choose one of: {', '.join(METHODS)}")
+    return METHODS[name]

@@ -5,8 +5,9 @@ dictionary P (donor-space embeddings of shared tokens): greedily pick the atom m
 with the residual, re-solve least squares on the chosen atoms, repeat. The coefficients are then
 applied to the same atoms in base space (`OmpResult.combine`).
 
-Screening is the expensive part: one residuals x dictionary GEMM. It runs in bf16 (about 4x
-faster than fp32 on these CPUs) only to *screen*: each target keeps its `pool` best atoms. Picks
+Screening is the expensive part: one residuals x dictionary GEMM. It runs in the precision the
+hardware does fastest (`ctd.numerics.fast_dtype`: bf16 where it has a fast path, e.g. AMX,
+~5x fp32; fp32 elsewhere) only to *screen*: each target keeps its `pool` best atoms. Picks
 are made in fp32 from inner products alone (Batch-OMP restricted to the pool): with
 beta = <candidates, y> and G = <candidates, chosen atoms>, the correlations with the residual
 y - A x are beta - G x, so no step between screenings touches the D-dimensional residual. A
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from ctd.numerics import fast_dtype
 
 # An atom whose squared distance to the span of the chosen ones is below this fraction of its own
 # squared norm is treated as dependent: the target stops growing its support instead of dividing
@@ -110,7 +113,7 @@ def _batch(P: Tensor, Pb: Tensor, Y: Tensor, k: int, pool: int, refresh: int, ri
     for t in range(k):
         if t % refresh == 0:  # screen: new candidates for the current residual, and their Grams
             R = Y - torch.einsum("nt,ntd->nd", x, YA[:, 1 : t + 1]) if t else Y
-            cand = (R.to(torch.bfloat16) @ Pb.T).abs_().topk(pool, dim=1).indices
+            cand = (R.to(Pb.dtype) @ Pb.T).abs_().topk(pool, dim=1).indices
             Pc = P.index_select(0, cand.flatten()).view(n, pool, D)
             H = torch.bmm(YA[:, : t + 1], Pc.transpose(1, 2))  # [n, 1 + t, pool]
             beta, G[:, :t] = H[:, 0], H[:, 1:]
@@ -182,7 +185,7 @@ def omp(
     if not 0 < k <= S:
         raise ValueError(f"k={k} must be between 1 and the dictionary size {S}")
     pool = min(pool, S)
-    Pb = P.to(torch.bfloat16) if pool else P
+    Pb = P.to(fast_dtype()) if pool else P
     lam = ridge * float((P * P).sum(1).mean())
     indices = torch.zeros(n, k, dtype=torch.long)
     coefs = torch.zeros(n, k)

@@ -20,16 +20,8 @@ from ctd.errors import CtdError
 from ctd.io import atomic_dir, write_json
 from ctd.report import progress
 from ctd.tokens import byte_vocab
-from ctd.transplant.methods import (
-    DEFAULT_K,
-    DONOR_METHODS,
-    METHODS,
-    RUN,
-    Inputs,
-)
+from ctd.transplant.methods import Inputs, method as registered
 from ctd.transplant.vocab import match_vocab, require_shared
-from ctd.transplant.wechsel import WechselResources
-from ctd.transplant.zett import read_config
 from ctd.zoo import ZOO, load_model, load_tokenizer, resolve_tokenizer
 
 
@@ -141,29 +133,6 @@ def analyse(base: str, tokenizer: str, examples: int = 8) -> dict:
                        examples).summary()
 
 
-def _validate(method: str, donor: object, wechsel: WechselResources | None = None,
-              hypernet: Path | None = None) -> None:
-    if method not in METHODS:
-        raise CtdError(f"unknown method '{method}'; choose one of: {', '.join(METHODS)}")
-    if method == "zett":
-        if hypernet is None:
-            raise CtdError("method 'zett' needs a local ZeTT hypernetwork trained for the base "
-                           "model: pass --hypernet DIR (config.json + model.safetensors); nothing "
-                           "is downloaded")
-        read_config(hypernet)
-    if method == "wechsel":
-        if wechsel is None:
-            raise CtdError("method 'wechsel' needs local word vectors: pass --vectors FILE.vec "
-                           "(fastText text format; for another language also --target_vectors "
-                           "and --dictionary); nothing is downloaded")
-        wechsel.check()
-    if method in DONOR_METHODS and donor is None:
-        raise CtdError(
-            f"method '{method}' needs a donor model that uses the target tokenizer; pass "
-            "--donor MODEL, or use --method fvt, which needs none"
-        )
-
-
 def transplant_model(
     model,
     base_tok,
@@ -173,24 +142,22 @@ def transplant_model(
     donor=None,
     fast: bool = False,
     show_progress: bool = False,
-    wechsel: WechselResources | None = None,
-    hypernet: Path | None = None,
+    resources: dict[str, Path | None] | None = None,
 ) -> dict:
-    """Put a loaded model onto `new_tok` in place; `donor` is a model using `new_tok`;
-    `wechsel` the word vectors of method wechsel, `hypernet` the checkpoint of method zett.
+    """Put a loaded model onto `new_tok` in place; `donor` is a model using `new_tok`,
+    `resources` the local files the method reads (ctd.transplant.methods.Resource).
 
     Returns the report (vocabulary match, per-matrix statistics, timings).
     """
     t0 = time.perf_counter()
-    _validate(method, donor, wechsel, hypernet)
-    k = k if k is not None else DEFAULT_K.get(method, 0)
-    if method in DEFAULT_K and k < 1:
-        raise CtdError(f"--k must be at least 1 (got {k})")
+    spec = registered(method)
+    resources = spec.validate(donor, k, fast, resources or {})
+    k = spec.k if k is None else k
     base_in, base_out = _matrices(model)
     match = match_vocab(base_tok, new_tok, base_rows=len(base_in), new_rows=len(new_tok))
-    require_shared(match, k if method == "omp" else None)
+    require_shared(match, k if spec.name == "omp" else None)
     donor_in = donor_out = None
-    if method in DONOR_METHODS:
+    if spec.donor:
         donor_in, donor_head = _matrices(donor)
         donor_in = donor_in.float()
         # an untied lm_head is approximated against the donor's lm_head, else its embedding
@@ -208,10 +175,10 @@ def transplant_model(
         for side, (matrix, dmat) in sides.items():
             if id(dmat) not in by_donor:
                 task = bar.add_task(f"{method} {side}", total=len(ids), info="")
-                inp = Inputs(match, base_tok, new_tok, dmat, k, fast,
-                             on_batch=lambda n, task=task: bar.advance(task, n), wechsel=wechsel,
-                             hypernet=hypernet, base={s: m for s, (m, _) in sides.items()})
-                by_donor[id(dmat)] = RUN[method](inp, ids, len(matrix))
+                inp = Inputs(match, base_tok, new_tok, dmat, k or 0, fast,
+                             on_batch=lambda n, task=task: bar.advance(task, n),
+                             resources=resources, base={s: m for s, (m, _) in sides.items()})
+                by_donor[id(dmat)] = spec.run(inp, ids, len(matrix))
                 bar.update(task, completed=len(ids))
             approx = by_donor[id(dmat)]
             built[side] = _build(matrix, match, approx, real, side)
@@ -219,9 +186,7 @@ def transplant_model(
     _install(model, built["input"], built.get("output"), new_tok)
     return {
         "method": method,
-        "params": ({"k": k, "fast": fast} if method in DEFAULT_K else {})
-        | ({name: v and str(v) for name, v in vars(wechsel).items()} if method == "wechsel" else {})
-        | ({"hypernet": str(hypernet)} if method == "zett" else {}),
+        "params": spec.params(k, fast, resources),
         "tied": base_out is None,
         "vocab": match.summary(),
         "sides": stats,
@@ -239,19 +204,19 @@ def transplant(
     fast: bool = False,
     overwrite: bool = False,
     show_progress: bool = True,
-    wechsel: WechselResources | None = None,
-    hypernet: Path | None = None,
+    resources: dict[str, Path | None] | None = None,
 ) -> dict:
     """Transplant `base` onto `tokenizer` and write an HF directory to `out`; returns the report."""
     t0 = time.perf_counter()
     out = check_output(out, overwrite)
-    donor = donor or default_donor(tokenizer)
-    _validate(method, donor, wechsel, hypernet)
+    spec = registered(method)
+    donor = donor or (default_donor(tokenizer) if spec.donor else None)
+    spec.validate(donor, k, fast, resources or {})
     new_tok = load_tokenizer(tokenizer)
     base_tok = load_tokenizer(base)
     byte_vocab(new_tok), byte_vocab(base_tok)  # refuse unsupported tokenizers before loading
     donor_model = None
-    if method in DONOR_METHODS and donor is not None:
+    if spec.donor:
         if resolve_tokenizer(donor) != resolve_tokenizer(tokenizer):
             _check_donor(donor, new_tok)
         donor_model = load_model(donor)
@@ -259,7 +224,7 @@ def transplant(
     t_load = time.perf_counter() - t0
     report = {"base": base, "tokenizer": tokenizer, "donor": donor if donor_model else None}
     report |= transplant_model(model, base_tok, new_tok, method, k, donor_model, fast, show_progress,
-                               wechsel, hypernet)
+                               resources)
     del donor_model
     t = time.perf_counter()
     with atomic_dir(out, overwrite=overwrite) as tmp:
