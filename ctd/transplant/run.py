@@ -20,7 +20,8 @@ from ctd.errors import CtdError
 from ctd.io import atomic_dir, write_json
 from ctd.report import progress
 from ctd.tokens import byte_vocab
-from ctd.transplant.methods import Inputs, method as registered
+from ctd.transplant.methods import Inputs
+from ctd.transplant.methods import method as registered
 from ctd.transplant.vocab import match_vocab, require_shared
 from ctd.zoo import ZOO, load_model, load_tokenizer, resolve_tokenizer
 
