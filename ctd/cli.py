@@ -12,7 +12,7 @@ from typing import Literal
 
 from ctd.config import DataConfig, ModelsConfig, OptimConfig, SampleBy, Split, TrainConfig
 from ctd.errors import CtdError
-from ctd.losses.combine import LossSpec
+from ctd.losses.objective import LossSpec
 from ctd.recipes.ensemble import EnsembleConfig
 from ctd.recipes.heal import HealConfig
 from ctd.recipes.math_distill import MathConfig

@@ -27,8 +27,9 @@ from ctd.config import DataConfig, ModelsConfig, OptimConfig, Trainable, TrainCo
 from ctd.data import DistillData
 from ctd.errors import CtdError
 from ctd.io import atomic_dir, write_json
-from ctd.losses.combine import DistillObjective, LossSpec
 from ctd.losses.logprobs import hidden_states, output_head, token_logprobs
+from ctd.losses.objective import DistillObjective, LossSpec
+from ctd.numerics import resolve_dtype
 from ctd.strategies import loss_scale, make_strategy, optimizer_class, zero_stage
 from ctd.zoo import load_model, load_tokenizer
 
@@ -66,6 +67,14 @@ def _trainable(student, train: Trainable, lora_rank: int, lora_alpha: float):
     return student
 
 
+def last_layer_params(model) -> list[Tensor]:
+    """The trainable parameters of the model's last decoder layer (its output head when that
+    layer is frozen): where `grad_norm` balancing measures each loss's gradient."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    params = [p for p in layers[-1].parameters() if p.requires_grad] if layers else []
+    return params or [p for p in model.get_output_embeddings().parameters() if p.requires_grad]
+
+
 class Distiller(pl.LightningModule):
     """Student trained on `objective` against a frozen teacher (None for CLM-only)."""
 
@@ -75,6 +84,7 @@ class Distiller(pl.LightningModule):
         self.student = _trainable(student.train(), train, lora_rank, lora_alpha)
         self._teacher = (teacher.eval().requires_grad_(False),) if teacher is not None else ()
         self.objective, self.optim = objective, optim
+        self.balance_params = last_layer_params(self.student)
         self.val_bpb, self.teacher_bpb = BitsPerByte(), BitsPerByte()
         self.teacher_bpb_done = False
 
@@ -94,12 +104,13 @@ class Distiller(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         s_hidden = hidden_states(self.student, batch["student_input_ids"],
                                  batch["student_attention_mask"])
-        needs = self.objective.needs_teacher
+        needs = self.objective.teacher_need != "none"
         parts = self.objective(
             batch, s_hidden, output_head(self.student),
             self._teacher_hidden(batch) if needs else None,
             output_head(self.teacher) if needs else None,
             int(batch["global_chunks"]), int(batch["global_tokens"]),
+            balance_params=self.balance_params,
         )
         scale = loss_scale(self.trainer)
         # Each part is this micro-batch's share of the global mean; x (accumulation x ranks)
@@ -314,17 +325,18 @@ def distill(models: ModelsConfig, data: DataConfig, losses: list[LossSpec], bala
     student = load_model(models.student)
     check_tokenizer_fits(student, s_tok, "student")
     teacher = None
-    if objective.needs_teacher:
-        teacher = load_model(models.teacher, dtype=getattr(torch, models.teacher_dtype))
+    if objective.teacher_need != "none":
+        teacher = load_model(models.teacher, dtype=resolve_dtype(models.teacher_dtype))
         check_tokenizer_fits(teacher, t_tok, "teacher")
-    module = Distiller(student, teacher, objective, optim, models.train, models.lora_rank,
+    module = Distiller(student, teacher, objective, optim, models.trainable, models.lora_rank,
                        models.lora_alpha)
     if rank_zero and not resume:
         write_json(out / "config.json", config)
     ckpts = Checkpoints(out / "checkpoints", train.checkpoint_every)
     trainer = pl.Trainer(
         max_steps=train.max_steps, accumulate_grad_batches=train.accumulate,
-        precision=train.precision, accelerator=train.accelerator, devices=train.devices,
+        precision="32-true" if train.precision == "auto" else train.precision,
+        accelerator=train.accelerator, devices=train.devices,
         strategy=strategy or make_strategy(train.strategy, train.deepspeed_config),
         gradient_clip_val=optim.grad_clip or None,
         val_check_interval=train.val_every * train.accumulate if train.val_every else None,

@@ -20,7 +20,7 @@ from ctd.config import DataConfig, ModelsConfig, OptimConfig, Trainable, TrainCo
 from ctd.corpora import load_texts
 from ctd.evaluate import bits_per_byte, greedy_generate
 from ctd.io import Stages
-from ctd.losses.combine import LossSpec
+from ctd.losses.objective import LossSpec
 from ctd.report import console, markdown_table, plot_bars, plot_curves
 from ctd.transplant.run import transplant
 from ctd.zoo import load_model, load_tokenizer
@@ -85,7 +85,7 @@ def heal_arm(cfg: HealConfig, student: Path, losses: list[LossSpec], out: Path) 
 
     return distill_step(
         ModelsConfig(teacher=cfg.base, student=str(student), teacher_dtype="float32",
-                     train=cfg.train),
+                     trainable=cfg.train),
         DataConfig(corpus="wiki-en", max_length=cfg.max_length, batch_size=cfg.batch_size,
                    max_documents=cfg.train_documents, val_documents=cfg.val_documents),
         losses, cfg.balance,

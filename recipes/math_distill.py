@@ -19,7 +19,7 @@ from ctd.config import DataConfig, ModelsConfig, OptimConfig, TrainConfig
 from ctd.corpora import load_corpus
 from ctd.evaluate import gsm_accuracy
 from ctd.io import Stages
-from ctd.losses.combine import LossSpec
+from ctd.losses.objective import LossSpec
 from ctd.report import console, markdown_table, plot_bars, plot_curves
 from ctd.zoo import load_model, load_tokenizer
 

@@ -37,8 +37,8 @@ def run_mode(mode: str, steps: int, batch_size: int, length: int) -> dict:
     import torch
 
     from ctd.config import OptimConfig
-    from ctd.losses.combine import DistillObjective, LossSpec
     from ctd.losses.logprobs import hidden_states
+    from ctd.losses.objective import DistillObjective, LossSpec
     from ctd.train import Distiller
     from ctd.zoo import load_model
 

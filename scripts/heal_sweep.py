@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ctd.losses.combine import LossSpec
+from ctd.losses.objective import LossSpec
 from ctd.recipes.heal import demo_config, heal_arm
 from ctd.transplant.run import transplant
 

@@ -17,7 +17,6 @@ from ctd.losses.kd import vocab_map
 from ctd.losses.logprobs import _LogitStats, token_logprobs
 from ctd.losses.uld import uld_loss
 from ctd.tokens import byte_vocab
-from tests.test_align import llama_spm_tok  # noqa: F401 (a fixture)
 from tests.tiny import tiny_model
 
 TEXTS = [
@@ -178,7 +177,7 @@ def test_alm_positive_when_models_differ(smol_tok, gemma_tok):
     assert out["alm"].item() > 0 and out["clm"].item() > 0 and grad.abs().max().item() > 0
 
 
-def test_global_normalisation_gives_the_big_batch_gradient(llama_spm_tok, smol_tok):  # noqa: F811
+def test_global_normalisation_gives_the_big_batch_gradient(llama_spm_tok, smol_tok):
     teacher, student = tiny_model(llama_spm_tok, "llama"), tiny_model(smol_tok, "llama")
     collate = AlignedCollator(llama_spm_tok, smol_tok, max_length=64)
     big = collate(TEXTS)
@@ -218,28 +217,49 @@ def test_grad_norm_balance_weights_each_term_by_its_gradient_norm(smol_tok):
     specs = [LossSpec("alm"), LossSpec("clm")]
     args = (batch, sh, output_head(student), th, output_head(teacher), 10, 10)
     fixed = DistillObjective(specs, smol_tok, smol_tok)(*args)
-    out = DistillObjective(specs, smol_tok, smol_tok, "grad_norm")(*args)
+    # grad_norm_hidden: 1 / ||d term / d last hidden state||, not normalised
+    out = DistillObjective(specs, smol_tok, smol_tok, "grad_norm_hidden")(*args)
     want = 0.0
     for name in ("alm", "clm"):
         part = DistillObjective([LossSpec(name)], smol_tok, smol_tok)(*args)["loss"]
         (g,) = torch.autograd.grad(part, sh, retain_graph=True)
         want += fixed[name].item() / g.norm().item()
     assert out["loss"].item() == pytest.approx(want, rel=1e-5)
+    # grad_norm (the reference's): 1 / ||d term / d last layer's parameters||, weights summing
+    # to one: sum_i w_i L_i / sum_i w_i
+    last = [p for p in student.model.layers[-1].parameters()]
+    out = DistillObjective(specs, smol_tok, smol_tok, "grad_norm")(*args, balance_params=last)
+    weights = {}
+    for name in ("alm", "clm"):
+        part = DistillObjective([LossSpec(name)], smol_tok, smol_tok)(*args)["loss"]
+        grads = torch.autograd.grad(part, last, retain_graph=True)
+        weights[name] = 1 / torch.cat([g.flatten() for g in grads]).norm().item()
+    want = sum(weights[n] * fixed[n].item() for n in weights) / sum(weights.values())
+    assert out["loss"].item() == pytest.approx(want, rel=1e-5)
+    assert min(fixed[n].item() for n in weights) <= out["loss"].item() <= max(
+        fixed[n].item() for n in weights)  # a weighted mean keeps one loss's size
     out["loss"].backward()
 
 
-def test_clm_only_needs_no_teacher(smol_tok):
-    assert not DistillObjective([LossSpec("clm")], smol_tok, smol_tok).needs_teacher
-    assert DistillObjective([LossSpec("alm")], smol_tok, smol_tok).needs_teacher
+def test_what_each_objective_needs_of_the_teacher(smol_tok):
+    def need(*names):
+        return DistillObjective([LossSpec(n) for n in names], smol_tok, smol_tok).teacher_need
+
+    assert need("clm") == "none"
+    assert need("alm") == need("alm", "clm") == "logprobs"  # the teacher cache suffices
+    for name in ("alm_hidden", "uld", "uld_chunked", "kd_shared"):
+        assert need("alm", "clm", name) == "hidden"  # the live teacher
 
 
 def test_unknown_names_are_clear_errors(smol_tok):
-    with pytest.raises(CtdError, match="valid: alm, alm_hidden, clm"):
+    with pytest.raises(CtdError, match="valid: alm, clm, alm_hidden, uld"):
         LossSpec("almm")
     with pytest.raises(CtdError, match="binary_ce"):
         LossSpec("alm", distance="l2")
     with pytest.raises(CtdError, match="grad_norm"):
         DistillObjective([LossSpec("clm")], smol_tok, smol_tok, balance="auto")
+    with pytest.raises(CtdError, match="no option 'tau'"):
+        LossSpec("clm", tau=1.0)  # an option of another loss is refused, not ignored
 
 
 def test_hidden_states_through_peft(smol_tok):

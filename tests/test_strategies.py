@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from ctd.config import DataConfig, OptimConfig
 from ctd.data import DistillData
-from ctd.losses.combine import DistillObjective, LossSpec
+from ctd.losses.objective import DistillObjective, LossSpec
 from ctd.strategies import deepspeed_config
 from ctd.train import Distiller, distill
 from ctd.zoo import load_tokenizer

@@ -16,7 +16,7 @@ from ctd.cli import main
 from ctd.config import DataConfig, ModelsConfig, OptimConfig, TrainConfig
 from ctd.data import DistillData
 from ctd.errors import CtdError
-from ctd.losses.combine import DistillObjective, LossSpec
+from ctd.losses.objective import DistillObjective, LossSpec
 from ctd.losses.logprobs import hidden_states, output_head
 from ctd.train import distill
 from tests.tiny import tiny_model
@@ -164,7 +164,7 @@ def test_embeddings_only_training_keeps_the_body(zoo_dir, tmp_path):
     from safetensors.torch import load_file
 
     cfg = configs(zoo_dir, max_steps=2)
-    cfg["models"].train = "embeddings"
+    cfg["models"].trainable = "embeddings"
     summary = distill(**cfg, out=tmp_path / "run")
     before = load_file(zoo_dir / "student" / "model.safetensors")
     after = load_file(Path(summary["export"]) / "model.safetensors")

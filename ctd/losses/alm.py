@@ -1,4 +1,4 @@
-"""Approximate Likelihood Matching (docs ALM.md section 2): per aligned chunk, match the student's
+"""Approximate Likelihood Matching (docs/alm.md): per aligned chunk, match the student's
 log-likelihood of the chunk's text to the teacher's. Pure functions of per-token quantities.
 
 Chunk tensors are [B, T] int64 chunk ids (-1: not scored) as the collator makes them; chunk ids
@@ -7,6 +7,7 @@ of one example are 0..C_b-1 and every chunk has at least one token on each side.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -15,11 +16,12 @@ from torch import Tensor
 from ctd.errors import CtdError
 
 EPS = 1e-6
+_MINUS_LN2 = -math.log(2)  # where log1mexp switches formulas (Maechler 2012)
 
 
 def log1mexp(x: Tensor) -> Tensor:
     """log(1 - exp(x)) for x < 0, stable at both ends (Maechler 2012)."""
-    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    return torch.where(x > _MINUS_LN2, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
 def num_chunk_slots(teacher_chunks: Tensor, student_chunks: Tensor) -> int:
