@@ -227,7 +227,7 @@ def test_grad_norm_balance_weights_each_term_by_its_gradient_norm(smol_tok):
     assert out["loss"].item() == pytest.approx(want, rel=1e-5)
     # grad_norm (the reference's): 1 / ||d term / d last layer's parameters||, weights summing
     # to one: sum_i w_i L_i / sum_i w_i
-    last = [p for p in student.model.layers[-1].parameters()]
+    last = list(student.model.layers[-1].parameters())
     out = DistillObjective(specs, smol_tok, smol_tok, "grad_norm")(*args, balance_params=last)
     weights = {}
     for name in ("alm", "clm"):
