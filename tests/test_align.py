@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -12,17 +10,6 @@ from hypothesis import strategies as st
 from ctd.align import align, chunks_within, common_text, tokens_through
 from ctd.errors import CtdError
 from ctd.tokens import Encoded, byte_vocab, encode
-from ctd.zoo import load_tokenizer
-
-GGUF = Path(__file__).parent / "data" / "ggml-vocab-llama-spm.gguf"  # Llama-2 SentencePiece, MIT
-
-
-@pytest.fixture(scope="module")
-def llama_spm_tok():
-    if not GGUF.exists():
-        pytest.skip(f"{GGUF.name} absent")
-    return load_tokenizer(GGUF)
-
 
 # Arbitrary Unicode (no surrogates), plus text dense in what breaks aligners: spaces, newlines,
 # combining marks, emoji (4-byte characters split by byte-level BPE), digits, CJK.

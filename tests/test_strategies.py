@@ -18,7 +18,7 @@ from ctd.losses.objective import DistillObjective, LossSpec
 from ctd.strategies import deepspeed_config
 from ctd.train import Distiller, distill
 from ctd.zoo import load_tokenizer
-from tests.test_train import configs, zoo_dir  # noqa: F401  (fixture)
+from tests.test_train import configs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
 
@@ -85,12 +85,12 @@ def _assert_close(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_accumulation_gives_the_big_batch_gradient(zoo_dir, tmp_path):  # noqa: F811
+def test_accumulation_gives_the_big_batch_gradient(zoo_dir, tmp_path):
     big = _first_gradient(zoo_dir, tmp_path / "big.pt", batch=4)
     _assert_close(big, _first_gradient(zoo_dir, tmp_path / "acc.pt", batch=2, accumulate=2))
 
 
-def test_ddp_two_processes_give_the_big_batch_gradient(zoo_dir, tmp_path):  # noqa: F811
+def test_ddp_two_processes_give_the_big_batch_gradient(zoo_dir, tmp_path):
     big = _first_gradient(zoo_dir, tmp_path / "big.pt", batch=4)
     ddp = _first_gradient(zoo_dir, tmp_path / "ddp.pt", batch=2, devices=2,
                           strategy=DDPStrategy(start_method="spawn",
@@ -117,7 +117,7 @@ def test_deepspeed_configs_validate(name):
                      "gradient_accumulation_steps": 1})
 
 
-def test_deepspeed_stage2_trains_and_exports(zoo_dir, tmp_path, no_shm_compile):  # noqa: F811
+def test_deepspeed_stage2_trains_and_exports(zoo_dir, tmp_path, no_shm_compile):
     cfg = configs(zoo_dir, max_steps=3, accelerator="cpu", checkpoint_every=2)
     strategy = CPUDeepSpeedStrategy(config=deepspeed_config(CONFIGS / "zero2.json"))
     summary = distill(**cfg, out=tmp_path / "ds", strategy=strategy)
@@ -125,7 +125,7 @@ def test_deepspeed_stage2_trains_and_exports(zoo_dir, tmp_path, no_shm_compile):
     AutoModelForCausalLM.from_pretrained(summary["export"])
 
 
-def test_deepspeed_accumulation_gives_the_big_batch_gradient(zoo_dir, tmp_path,  # noqa: F811
+def test_deepspeed_accumulation_gives_the_big_batch_gradient(zoo_dir, tmp_path,
                                                              no_shm_compile):
     """DeepSpeed divides by the accumulation steps once more than plain Lightning does
     (ctd.strategies.loss_scale): the gradient it steps on must still be the big batch's."""

