@@ -1,7 +1,7 @@
 """Time the README's first command (install, then `ctd demo`) from a fresh clone of HEAD, up to
 the demo's first line of output: once with an empty pip cache, once warm. Prints JSON.
 
-    .venv/bin/python scripts/bench_install.py [--runs cold warm] [--limit 1800]
+    .venv/bin/python scripts/bench_install.py [--limit 1800]
 
 What new users wait for before anything happens: the install once took 9 min on a 2-core CPU,
 mostly compiling llama-cpp-python. The goal is <= 3 min warm. Each run clones HEAD (commit
@@ -86,7 +86,6 @@ def built_wheels(pip_cache: Path) -> set[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", nargs="+", choices=["cold", "warm"], default=["cold", "warm"])
     parser.add_argument("--limit", type=float, default=1800, help="seconds allowed per step")
     args = parser.parse_args()
     from ctd.numerics import machine
@@ -95,7 +94,7 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True,
                             capture_output=True, text=True).stdout.strip()
     with tempfile.TemporaryDirectory(prefix="ctd-pip-cache-") as pip_cache:
-        runs = [run(label, Path(pip_cache), args.limit) for label in args.runs]
+        runs = [run(label, Path(pip_cache), args.limit) for label in ("cold", "warm")]
     print(json.dumps({
         "commit": commit, "command": " && ".join(demo_command()),
         "machine": machine(), "cpus": os.cpu_count(),
