@@ -287,9 +287,43 @@ def _methods_interface(verb):
 _methods_interface(transplant)
 
 
+def harness_data(out: Path = Path("configs/lm_eval/data"), max_bytes: int | None = None,
+                 text: Path | None = None, sample_by: SampleBy = "paragraph") -> None:
+    """Write the data of ctd's lm-evaluation-harness tasks (configs/lm_eval/), offline.
+
+    wiki-en test (task ctd_wiki_en), gsm-symbolic (ctd_gsm_symbolic) and, with --text, any
+    local text (ctd_text): what `ctd eval` and `ctd ensemble --gsm` score, so the harness's
+    numbers can be checked against ctd's. Run lm_eval from the repository root.
+
+    Args:
+        out: where the tasks read their data (their YAML names configs/lm_eval/data).
+        max_bytes: only the first this many bytes of wiki-en test and of --text.
+        text: a local .txt/.json/.jsonl/.parquet file for ctd_text (all of it, as
+            `ctd eval --corpus FILE --split all`).
+        sample_by: how --text is cut into documents (paragraph, line, document).
+    """
+    from ctd.harness import DATA, require_lm_eval, write_data
+    from ctd.report import console
+
+    require_lm_eval()
+    if out == DATA and not DATA.parent.is_dir():
+        raise CtdError(f"no {DATA.parent}/ here: run from the ctd repository root (the tasks "
+                       "read their data relative to it) or pass --out")
+    for task, path in write_data(out, max_bytes, text, sample_by).items():
+        console().print(f"{task}: {path}")
+    if out != DATA:
+        console().print(f"[yellow]the tasks in {DATA.parent} read {DATA}; point their "
+                        "data_files at the new directory[/yellow]")
+    console().print(
+        "run, e.g.: lm_eval --model hf --model_args pretrained=DIR --include_path "
+        "configs/lm_eval --tasks ctd_wiki_en\n"
+        "ensembles: python -m ctd.harness --model ctd-ensemble --model_args "
+        "'models=A|B,tokenizer=T' --include_path configs/lm_eval --tasks ctd_gsm_symbolic")
+
+
 VERBS = {"zoo": zoo, "vocab": vocab, "transplant": transplant, "eval": evaluate,
          "distill": distill, "ensemble": ensemble, "demo": demo, "heal": heal, "math": math,
-         "ensemble-recipe": ensemble_recipe}
+         "ensemble-recipe": ensemble_recipe, "harness-data": harness_data}
 
 
 def _normalised(argv: list[str]) -> list[str]:

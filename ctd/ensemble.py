@@ -27,13 +27,16 @@ class EnsembleOutput:
 
 
 class Ensemble(nn.Module):
-    """Average next-token probabilities (`probs`, the default) or logits of member models."""
+    """Average next-token probabilities (`probs`, the default) or logits of member models.
+
+    An ensemble of one model is that model with normalised log-probabilities as logits: the
+    harness scores members and ensembles through the same code that way."""
 
     def __init__(self, members: list[nn.Module], mode: Mode = "probs",
                  weights: list[float] | None = None):
         super().__init__()
-        if len(members) < 2:
-            raise CtdError("an ensemble needs at least two models")
+        if not members:
+            raise CtdError("an ensemble needs at least one model")
         sizes = {m.get_output_embeddings().weight.shape[0] for m in members}
         if len(sizes) != 1:
             raise CtdError(f"ensemble members have different vocabularies ({sorted(sizes)}); "
@@ -69,16 +72,14 @@ class Ensemble(nn.Module):
         return self.members[0].get_output_embeddings()
 
 
-def compare(members: list[str], tokenizer: str, texts: list[str], mode: Mode = "probs",
-            gsm_rows: list[dict] = (), shots: list[dict] = (), max_new_tokens: int = 200
-            ) -> dict[str, dict]:
-    """bpb (and gsm-symbolic accuracy when rows are given) of each member and of the ensemble,
-    all read through the one shared `tokenizer`."""
-    from ctd.evaluate import bits_per_byte, gsm_accuracy
+def load_members(members: list[str], tokenizer: str, dtype: torch.dtype = torch.float32
+                 ) -> tuple[dict[str, nn.Module], object]:
+    """Load models by any name ctd accepts and the tokenizer they must all use; a member
+    with a tokenizer of its own must use exactly `tokenizer`."""
     from ctd.zoo import load_model, load_tokenizer
 
     tok = load_tokenizer(tokenizer)
-    models = {name: load_model(name) for name in members}
+    models = {name: load_model(name, dtype) for name in members}
     for name, model in models.items():
         try:
             own = load_tokenizer(name).get_vocab()
@@ -86,6 +87,19 @@ def compare(members: list[str], tokenizer: str, texts: list[str], mode: Mode = "
             own = tok.get_vocab()
         if own != tok.get_vocab() or model.get_output_embeddings().weight.shape[0] < len(tok):
             raise CtdError(f"{name} does not use the tokenizer {tokenizer}; transplant it first")
+    return models, tok
+
+
+def compare(members: list[str], tokenizer: str, texts: list[str], mode: Mode = "probs",
+            gsm_rows: list[dict] = (), shots: list[dict] = (), max_new_tokens: int = 200
+            ) -> dict[str, dict]:
+    """bpb (and gsm-symbolic accuracy when rows are given) of each member and of the ensemble,
+    all read through the one shared `tokenizer`."""
+    from ctd.evaluate import bits_per_byte, gsm_accuracy
+
+    if len(members) < 2:
+        raise CtdError("comparing an ensemble with its members needs at least two models")
+    models, tok = load_members(members, tokenizer)
     models[f"ensemble ({mode})"] = Ensemble(list(models.values()), mode)
     results = {}
     for name, model in models.items():
