@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ctd.card import transplant_card
 from ctd.errors import CtdError
 from ctd.io import atomic_dir, write_json
 from ctd.report import progress
@@ -235,5 +236,6 @@ def transplant(
                               "total_s": time.perf_counter() - t0}
         report["versions"] = _versions()
         write_json(tmp / "transplant_report.json", report)
+        transplant_card(tmp, report, out)
     report["out"] = str(out)
     return report
