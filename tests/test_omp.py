@@ -163,7 +163,7 @@ def test_screen_bounds_every_correlation(screening, seed, S, D, scale, spread):
     P = P * torch.exp(spread * torch.randn(1, D, generator=g))
     R = torch.randn(9, D, generator=g) * 2.0**scale
     screen = _Screen(P, screening)
-    _, bound, _ = screen.bounds(R)
+    _, bound, _ = screen.bounds(R, screen.buffer(len(R)))
     exact = torch.zeros(len(R), len(screen.atom), dtype=torch.float64)
     real = screen.atom >= 0
     exact[:, real] = (R.double() @ P.double().T)[:, screen.atom[real]].abs()
@@ -179,8 +179,8 @@ def test_fast_pool_is_the_best_screened_atoms(screening, kind):
     g = torch.Generator().manual_seed(7)
     P, R = _dictionary(kind, 3000, 48, g), torch.randn(16, 48, generator=g)
     screen = _Screen(P, screening)
-    got = screen.top(R, 64)
-    F, _, _ = screen.screen(R)
+    got = screen.top(R, screen.buffer(len(R)), 64)
+    F, _, _ = screen.screen(R, screen.buffer(len(R)))
     f = torch.zeros(len(R), len(P))
     real = screen.atom >= 0
     f[:, screen.atom[real]] = F[:, real].float()  # |f| by atom
@@ -208,3 +208,21 @@ def test_zero_targets_and_full_support(screening):
     ref, got = omp(P, Y, 6, pool=0), omp(P, Y, 6)
     assert torch.equal(ref.indices, got.indices) and got.residual[0] == 0
     assert (got.residual[1:] < 1e-5).all()  # 6 independent atoms span R^6
+
+
+def test_batches_on_workers_pick_as_one_thread():
+    """Several torch threads run batches side by side, single-threaded each: same picks as one
+    thread, and the thread count is restored."""
+    g = torch.Generator().manual_seed(9)
+    P, Y = torch.randn(1500, 24, generator=g), torch.randn(40, 24, generator=g)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = [omp(P, Y, 12, batch_size=8), omp(P, Y, 12, pool=64, refresh=4, batch_size=8)]
+        torch.set_num_threads(3)
+        three = [omp(P, Y, 12, batch_size=8), omp(P, Y, 12, pool=64, refresh=4, batch_size=8)]
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, three):
+        assert torch.equal(a.indices, b.indices) and torch.allclose(a.coefs, b.coefs)

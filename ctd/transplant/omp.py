@@ -52,6 +52,7 @@ stop a target's support.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +70,7 @@ _CHUNK = 4096  # atoms per screening GEMM: large for the GEMM, small for the cac
 # pass takes the rows the previous one did not certify.
 _PASSES = ((8, 1), (64, 8), (256, 64))
 _INF = float("inf")
+_MIN_BATCH = 64  # targets per batch at least, when splitting batches for more workers
 
 
 @dataclass
@@ -157,20 +159,19 @@ class _Screen:
         # the GEMM rounds its fp32 sums to the output dtype, to nearest (none in fp32)
         self.u = torch.finfo(dtype).eps / 2 if dtype != torch.float32 else 0.0
         self.g = D * 2.0**-23
-        # the screen's output, reused: a fresh allocation this large is mapped anew at every
-        # step, and its page faults cost half as much as the GEMM
-        self.out = torch.empty(0, self.lowT.shape[1], dtype=dtype)
 
-    def screen(self, R: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def buffer(self, n: int) -> Tensor:
+        """The screen's output for n rows, to reuse at every step of a batch: a fresh allocation
+        this large is mapped anew, and its page faults cost half as much as the GEMM."""
+        return torch.empty(n, self.lowT.shape[1], dtype=self.dtype)
+
+    def screen(self, R: Tensor, F: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """|screened correlations| [n, S'] (in the screening dtype), each block's largest as the
         integers of its bits [n, S' / _BLOCK] (they order like the magnitudes), and each row's
         factors [n, 2] of ||p~_j|| and ||p_j - p~_j|| in the error bound."""
         n = len(R)
         low = R.to(self.dtype)
         Sp = self.lowT.shape[1]
-        if len(self.out) < n:
-            self.out = torch.empty(n, Sp, dtype=self.dtype)
-        F = self.out[:n]
         top = torch.empty(n, Sp // _BLOCK, dtype=self.bits)
         for s in range(0, Sp, _CHUNK):
             e = min(s + _CHUNK, Sp)
@@ -181,18 +182,19 @@ class _Screen:
         return F, top, torch.stack([(R - lowf).norm(dim=1) + self.g * lowf.norm(dim=1),
                                     R.norm(dim=1)], 1)
 
-    def bounds(self, R: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def bounds(self, R: Tensor, F: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """`screen`, with each block's upper bound on |<r, p_j>| [n, S' / _BLOCK] in place of
         its largest |f|."""
-        F, top, ab = self.screen(R)
+        F, top, ab = self.screen(R, F)
         bound = torch.addmm(top.view(self.dtype).float(), ab, self.block_terms,
                             beta=1 / (1 - self.u))
         return F, bound, ab
 
-    def pick(self, R: Tensor, chosen: Tensor, t: int, shortlist: int) -> tuple[Tensor, int]:
-        """Certified argmax_j |<r, p_j>| over the atoms not in `chosen[:, :t]`, per row of R.
-        Returns the picks and how many rows were screened again in fp32."""
-        F, bound, ab = self.bounds(R)
+    def pick(self, R: Tensor, F: Tensor, chosen: Tensor, t: int, shortlist: int
+             ) -> tuple[Tensor, int]:
+        """Certified argmax_j |<r, p_j>| over the atoms not in `chosen[:, :t]`, per row of R (F:
+        the screen's `buffer`). Returns the picks and how many rows were screened again in fp32."""
+        F, bound, ab = self.bounds(R, F)
         blocks_f = F.view(self.bits).view(len(R), -1, _BLOCK)
         j = torch.empty(len(R), dtype=torch.long)
         rows = torch.arange(len(R))
@@ -237,10 +239,10 @@ class _Screen:
         rest = rest * (1 + 2.0**-20) + 1e-30  # the bound's own fp32 rounding; denormals
         return j, rest < best.squeeze(1) - self.g * ab[:, 1] * self.p_norm[j]
 
-    def top(self, R: Tensor, pool: int) -> Tensor:
+    def top(self, R: Tensor, F: Tensor, pool: int) -> Tensor:
         """The `pool` atoms with the largest |screened correlation| per row (fast mode; -1:
         padding): they lie in the `pool` blocks with the largest maxima."""
-        F, top, _ = self.screen(R)
+        F, top, _ = self.screen(R, F)
         n = len(R)
         blk = top.topk(min(pool, top.shape[1]), dim=1).indices
         at = F.view(self.bits).view(n, -1, _BLOCK)[torch.arange(n)[:, None], blk].flatten(1
@@ -259,11 +261,12 @@ def _batch_pooled(screen: _Screen, Y: Tensor, k: int, pool: int, refresh: int, r
     x = torch.zeros(n, 0)
     G = torch.zeros(n, k, pool)  # <chosen atom, candidate>: a step writes one contiguous row
     Pc = torch.empty(n, pool, D)  # the candidates, rewritten in place (as the screen's output)
+    F = screen.buffer(n)
     rows = torch.arange(n)
     for t in range(k):
         if t % refresh == 0:  # screen: new candidates for the current residual
             R = Y - torch.bmm(x.unsqueeze(1), YA[:, 1 : t + 1]).squeeze(1) if t else Y
-            cand = screen.top(R, pool)
+            cand = screen.top(R, F, pool)
             torch.index_select(P, 0, cand.clamp_min(0).flatten(), out=Pc.view(-1, D))
             H = torch.bmm(YA[:, : t + 1], Pc.transpose(1, 2))  # [n, 1 + t, pool]
             beta, G[:, :t] = H[:, 0], H[:, 1:]
@@ -292,6 +295,7 @@ def _batch_greedy(P: Tensor, Y: Tensor, k: int, ridge: float, screen: _Screen | 
     A = torch.zeros(n, k, D)
     x = torch.zeros(n, 0)
     R = Y
+    F = None if screen is None else screen.buffer(n)
     fallbacks = 0
     for t in range(k):
         if t:
@@ -302,7 +306,7 @@ def _batch_greedy(P: Tensor, Y: Tensor, k: int, ridge: float, screen: _Screen | 
                 corr.scatter_(1, idx[:, :t], -1.0)
             j = corr.argmax(1)
         else:
-            j, fell = screen.pick(R, idx, t, shortlist)
+            j, fell = screen.pick(R, F, idx, t, shortlist)
             fallbacks += fell
         atom = P[j]
         ok = chol.add(torch.bmm(A[:, :t], atom.unsqueeze(-1)).squeeze(-1), (atom * atom).sum(1),
@@ -311,6 +315,29 @@ def _batch_greedy(P: Tensor, Y: Tensor, k: int, ridge: float, screen: _Screen | 
         A[:, t] = torch.where(ok.unsqueeze(-1), atom, 0.0)
         x = chol.coefficients()
     return idx, x, chol, fallbacks
+
+
+def _batches(run: Callable[[Tensor], tuple], Y: Tensor, batch_size: int):
+    """(start, run(batch)) for batches of Y's rows, in order. With several torch threads, each
+    batch runs single-threaded on a worker of its own: the steps are many mid-sized operations,
+    whose parallel regions (barriers, memory-bound phases) cost more than whole batches side by
+    side, and much more on a busy machine. The batches are evened out over the workers."""
+    workers = torch.get_num_threads()
+    count = -(-len(Y) // batch_size)
+    if workers > 1:  # a multiple of the workers, unless that makes batches too small
+        count = max(count, min(-(-count // workers) * workers, -(-len(Y) // _MIN_BATCH)))
+    size = max(1, -(-len(Y) // max(count, 1)))
+    starts = range(0, len(Y), size)
+    if workers == 1 or len(starts) == 1:
+        for s in starts:
+            yield s, run(Y[s : s + size])
+        return
+    try:
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as ex:
+            for s, job in [(s, ex.submit(run, Y[s : s + size])) for s in starts]:
+                yield s, job.result()
+    finally:
+        torch.set_num_threads(workers)  # MKL's thread count is global
 
 
 def omp(
@@ -345,20 +372,21 @@ def omp(
     pool = min(pool, S)
     screen = _Screen(P, fast_dtype()) if pool else None
     lam = ridge * float((P * P).sum(1).mean())
+
+    def run(Yb: Tensor):
+        if screen is not None and refresh > 1:
+            return _batch_pooled(screen, Yb, k, pool, refresh, lam)
+        return _batch_greedy(P, Yb, k, lam, screen, pool)
+
     indices = torch.zeros(n, k, dtype=torch.long)
     coefs = torch.zeros(n, k)
     stopped = fallbacks = 0
-    for s in range(0, n, batch_size):
-        Yb = Y[s : s + batch_size]
-        if screen is not None and refresh > 1:
-            idx, x, chol, fell = _batch_pooled(screen, Yb, k, pool, refresh, lam)
-        else:
-            idx, x, chol, fell = _batch_greedy(P, Yb, k, lam, screen, pool)
-        indices[s : s + len(Yb)], coefs[s : s + len(Yb)] = idx, x
+    for s, (idx, x, chol, fell) in _batches(run, Y, batch_size):
+        indices[s : s + len(idx)], coefs[s : s + len(idx)] = idx, x
         stopped += int((~chol.alive).sum())
         fallbacks += fell
         if on_batch is not None:
-            on_batch(len(Yb))
+            on_batch(len(idx))
     result = OmpResult(indices, coefs, torch.zeros(n), stopped, fallbacks)
     approx = result.combine(P)
     norm = Y.norm(dim=1)
