@@ -116,7 +116,8 @@ class _Cholesky:
         unit atom with coefficient 0 (the caller zeroes its row) and stop for good.
         """
         t, Li = self.t, self.Li
-        w = torch.bmm(Li[:, :t, :t], g.unsqueeze(-1)).squeeze(-1)  # L^-1 g: the new row of L
+        # L^-1 g, the new row of L (row-vector products: MKL's faster batched kernel)
+        w = torch.bmm(g.unsqueeze(1), Li[:, :t, :t].transpose(1, 2)).squeeze(1)
         dr = d + self.ridge
         s = dr - (w * w).sum(-1)  # squared distance of the atom to the span of the chosen
         ok = self.alive & (s > _DEPENDENT * dr) & (d > 0)
@@ -231,7 +232,7 @@ class _Screen:
         at = at[:, :shortlist]
         cand = self.atom[blk.gather(1, at // _BLOCK) * _BLOCK + at % _BLOCK]  # [n, shortlist]
         Pc = self.P.index_select(0, cand.clamp_min(0).flatten()).view(*cand.shape, -1)
-        corr = torch.einsum("nd,nmd->nm", R, Pc).abs_()
+        corr = torch.bmm(R.unsqueeze(1), Pc.transpose(1, 2)).squeeze(1).abs_()
         corr.masked_fill_((cand < 0) | (cand[:, :, None] == chosen[:, None, :]).any(-1), -1.0)
         best = corr.amax(1, keepdim=True)
         j = torch.where(corr == best, cand, len(self.P)).amin(1)  # ties: the lowest, as argmax
@@ -309,8 +310,8 @@ def _batch_greedy(P: Tensor, Y: Tensor, k: int, ridge: float, screen: _Screen | 
             j, fell = screen.pick(R, F, idx, t, shortlist)
             fallbacks += fell
         atom = P[j]
-        ok = chol.add(torch.bmm(A[:, :t], atom.unsqueeze(-1)).squeeze(-1), (atom * atom).sum(1),
-                      (atom * Y).sum(1))
+        g = torch.bmm(atom.unsqueeze(1), A[:, :t].transpose(1, 2)).squeeze(1)
+        ok = chol.add(g, (atom * atom).sum(1), (atom * Y).sum(1))
         idx[:, t] = torch.where(ok, j, 0)
         A[:, t] = torch.where(ok.unsqueeze(-1), atom, 0.0)
         x = chol.coefficients()
