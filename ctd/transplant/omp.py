@@ -283,7 +283,7 @@ def _batch_pooled(screen: _Screen, Y: Tensor, k: int, pool: int, refresh: int, r
         YA[:, t + 1] = torch.where(ok.unsqueeze(-1), Pc[rows, m], 0.0)
         G[:, t] = torch.where(ok.unsqueeze(-1), Gcc[rows, m], 0.0)  # Gcc is symmetric
         x = chol.coefficients()
-    return idx, x, chol, 0
+    return idx, x, chol, 0, _residual(Y, x, YA[:, 1:])
 
 
 def _batch_greedy(P: Tensor, Y: Tensor, k: int, ridge: float, screen: _Screen | None,
@@ -315,7 +315,14 @@ def _batch_greedy(P: Tensor, Y: Tensor, k: int, ridge: float, screen: _Screen | 
         idx[:, t] = torch.where(ok, j, 0)
         A[:, t] = torch.where(ok.unsqueeze(-1), atom, 0.0)
         x = chol.coefficients()
-    return idx, x, chol, fallbacks
+    return idx, x, chol, fallbacks, _residual(Y, x, A)
+
+
+def _residual(Y: Tensor, x: Tensor, A: Tensor) -> Tensor:
+    """|y - A x| / |y| per row (0 for y = 0)."""
+    norm = Y.norm(dim=1)
+    r = (Y - torch.bmm(x.unsqueeze(1), A).squeeze(1)).norm(dim=1)
+    return torch.where(norm > 0, r / norm.clamp_min(1e-30), 0.0)
 
 
 def _batches(run: Callable[[Tensor], tuple], Y: Tensor, batch_size: int):
@@ -380,16 +387,13 @@ def omp(
         return _batch_greedy(P, Yb, k, lam, screen, pool)
 
     indices = torch.zeros(n, k, dtype=torch.long)
-    coefs = torch.zeros(n, k)
+    coefs, residual = torch.zeros(n, k), torch.zeros(n)
     stopped = fallbacks = 0
-    for s, (idx, x, chol, fell) in _batches(run, Y, batch_size):
-        indices[s : s + len(idx)], coefs[s : s + len(idx)] = idx, x
+    for s, (idx, x, chol, fell, res) in _batches(run, Y, batch_size):
+        e = s + len(idx)
+        indices[s:e], coefs[s:e], residual[s:e] = idx, x, res
         stopped += int((~chol.alive).sum())
         fallbacks += fell
         if on_batch is not None:
             on_batch(len(idx))
-    result = OmpResult(indices, coefs, torch.zeros(n), stopped, fallbacks)
-    approx = result.combine(P)
-    norm = Y.norm(dim=1)
-    result.residual = torch.where(norm > 0, (Y - approx).norm(dim=1) / norm.clamp_min(1e-30), 0.0)
-    return result
+    return OmpResult(indices, coefs, residual, stopped, fallbacks)
