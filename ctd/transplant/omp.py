@@ -138,7 +138,7 @@ class _Cholesky:
 
 class _Screen:
     """The dictionary in the screening precision, sorted by norm and padded to whole blocks,
-    with the per-atom terms of the screening error bound (see the module docstring)."""
+    with each block's terms of the screening error bound (see the module docstring)."""
 
     def __init__(self, P: Tensor, dtype: torch.dtype):
         S, D = P.shape
@@ -252,7 +252,8 @@ class _Screen:
 
 
 def _batch_pooled(screen: _Screen, Y: Tensor, k: int, pool: int, refresh: int, ridge: float):
-    """Fast mode for one batch of targets; see `omp` for `pool`, `refresh` and `ridge`."""
+    """Fast mode for one batch of targets; see `omp` for `pool`, `refresh` and `ridge`.
+    Returns the atoms, coefficients, early stops, fp32 rescreens (none) and residuals."""
     P = screen.P
     n, D = Y.shape
     chol = _Cholesky(n, k, ridge)
@@ -283,13 +284,13 @@ def _batch_pooled(screen: _Screen, Y: Tensor, k: int, pool: int, refresh: int, r
         YA[:, t + 1] = torch.where(ok.unsqueeze(-1), Pc[rows, m], 0.0)
         G[:, t] = torch.where(ok.unsqueeze(-1), Gcc[rows, m], 0.0)  # Gcc is symmetric
         x = chol.coefficients()
-    return idx, x, chol, 0, _residual(Y, x, YA[:, 1:])
+    return idx, x, int((~chol.alive).sum()), 0, _residual(Y, x, YA[:, 1:])
 
 
 def _batch_greedy(P: Tensor, Y: Tensor, k: int, ridge: float, screen: _Screen | None,
                   shortlist: int):
     """One screening per step: the certified screen (exact mode) or, without a screen, plain
-    fp32 correlations with the whole dictionary (the reference)."""
+    fp32 correlations with the whole dictionary (the reference). Returns as `_batch_pooled`."""
     n, D = Y.shape
     chol = _Cholesky(n, k, ridge)
     idx = torch.zeros(n, k, dtype=torch.long)
@@ -315,7 +316,7 @@ def _batch_greedy(P: Tensor, Y: Tensor, k: int, ridge: float, screen: _Screen | 
         idx[:, t] = torch.where(ok, j, 0)
         A[:, t] = torch.where(ok.unsqueeze(-1), atom, 0.0)
         x = chol.coefficients()
-    return idx, x, chol, fallbacks, _residual(Y, x, A)
+    return idx, x, int((~chol.alive).sum()), fallbacks, _residual(Y, x, A)
 
 
 def _residual(Y: Tensor, x: Tensor, A: Tensor) -> Tensor:
@@ -340,11 +341,12 @@ def _batches(run: Callable[[Tensor], tuple], Y: Tensor, batch_size: int):
         for s in starts:
             yield s, run(Y[s : s + size])
         return
+    ex = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
     try:
-        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as ex:
-            for s, job in [(s, ex.submit(run, Y[s : s + size])) for s in starts]:
-                yield s, job.result()
+        for s, job in [(s, ex.submit(run, Y[s : s + size])) for s in starts]:
+            yield s, job.result()
     finally:
+        ex.shutdown(cancel_futures=True)  # on an error, no waiting for the batches queued
         torch.set_num_threads(workers)  # MKL's thread count is global
 
 
@@ -389,10 +391,10 @@ def omp(
     indices = torch.zeros(n, k, dtype=torch.long)
     coefs, residual = torch.zeros(n, k), torch.zeros(n)
     stopped = fallbacks = 0
-    for s, (idx, x, chol, fell, res) in _batches(run, Y, batch_size):
+    for s, (idx, x, stop, fell, res) in _batches(run, Y, batch_size):
         e = s + len(idx)
         indices[s:e], coefs[s:e], residual[s:e] = idx, x, res
-        stopped += int((~chol.alive).sum())
+        stopped += stop
         fallbacks += fell
         if on_batch is not None:
             on_batch(len(idx))
