@@ -149,3 +149,24 @@ def transplant_card(directory: Path, report: dict, out: Path) -> Path:
                       tokenizer=report["tokenizer"],
                       command=f"ctd transplant {' '.join(flags)} --out {out}", details=details,
                       tags=("tokenizer-transplant", report["method"]), name=Path(out).name)
+
+
+def distill_card(directory: Path, config: dict, steps: int, out: Path,
+                 data: dict | None = None, kind: str = "distill", command: str | None = None,
+                 bpb: dict | None = None) -> Path:
+    """The card of a trained student (`ctd distill`'s export, a recipe's arm), from the run's
+    config (config.json), its steps and data statistics."""
+    m, d, t = config["models"], config["data"], config["train"]
+    details = {
+        "teacher": m["teacher"], "losses": [s["name"] for s in config["losses"]],
+        "balance": config["balance"], "trainable": m["trainable"], "steps": steps,
+        "batch": f"{d['batch_size']} x {t['accumulate']} x {d['max_length']} tokens",
+        "optimizer": dict(config["optim"]),
+        "training data": d["corpus"] + (f" ({data['train']['windows']:,} windows, "
+                                        f"{data['train']['bytes']:,} bytes)" if data else ""),
+    }
+    return write_card(directory, kind=kind, base=m["student"],
+                      tokenizer=m["student_tokenizer"] or m["student"],
+                      command=command or f"ctd distill --config {Path(out) / 'config.json'} "
+                                         f"--out {out}",
+                      details=details, bpb=bpb, tags=("distillation",), name=Path(out).name)

@@ -13,14 +13,46 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from torchmetrics import Metric
 
 from ctd.errors import CtdError
+from ctd.losses.logprobs import chunk_rows, hidden_states, output_head, token_logprobs
 from ctd.report import progress as progress_bar
-from ctd.tokens import doc_start_id, encode
+from ctd.tokens import Unencodable, doc_start_id, encode, encode_or_explain
 from ctd.zoo import model_context
 
-# Logits are materialised per batch: keep batch_tokens * vocab under this many fp32 elements.
-_LOGIT_BUDGET = 1 << 28
+
+class BitsPerByte(Metric):
+    """Summed NLL (nats) / ln 2 / scored UTF-8 bytes; sums across ranks. The one bits-per-byte
+    of ctd: `bits_per_byte` (ctd eval, recipes) and training's validation both use it."""
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("nll", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("bytes", torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+
+    def update(self, nll: torch.Tensor, num_bytes: torch.Tensor) -> None:
+        self.nll += nll.double().sum()
+        self.bytes += num_bytes.sum()
+
+    def compute(self) -> torch.Tensor:
+        return self.nll / math.log(2) / self.bytes.clamp(min=1)
+
+
+def target_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T]: log p(input_ids[:, i] | input_ids[:, <i]) (0 at i = 0, which nothing predicts).
+
+    Transformers models go through their last hidden state in chunks of positions, so a [B, T, V]
+    logits tensor never exists; anything else (an `Ensemble`) through its `.logits`."""
+    if hasattr(model, "get_decoder"):
+        hidden = hidden_states(model, input_ids, attention_mask)
+        return token_logprobs(hidden, output_head(model), input_ids,
+                              chunk=chunk_rows(model.get_output_embeddings().weight.shape[0]))[0]
+    logp = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    picked = logp.log_softmax(-1).gather(2, input_ids[:, 1:, None])[..., 0]
+    return torch.nn.functional.pad(picked, (1, 0))
 
 
 @dataclass
@@ -32,6 +64,8 @@ class Bpb:
     documents: int
     windows: int
     skipped_documents: int  # the tokenizer could not reproduce them byte-exactly
+    skipped_bytes: int
+    skipped_examples: list[str]  # the first offending character of up to 3 of them
     normalised_documents: int  # changed by the tokenizer's own normalisation (e.g. NFC)
     seconds: float
 
@@ -65,15 +99,11 @@ def window_nll(model, batch: list[np.ndarray], pad_id: int,
     mask = torch.zeros_like(ids)
     scored = torch.zeros_like(ids)
     for row, w in enumerate(batch):
-        ids[row, : len(w)] = torch.from_numpy(w)
+        ids[row, : len(w)] = torch.from_numpy(np.asarray(w))
         mask[row, : len(w)] = 1
         scored[row, (first[row] if first else 1) : len(w)] = 1
-    ids, mask, scored = ids.to(device), mask.to(device), scored.to(device)
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    nll = torch.nn.functional.cross_entropy(
-        logits.transpose(1, 2), ids[:, 1:], reduction="none"
-    )
-    return (nll * scored[:, 1:]).double().sum(dim=1).cpu()
+    lp = target_logprobs(model, ids.to(device), mask.to(device))
+    return -(lp.double() * scored.to(device)).sum(dim=1).cpu()
 
 
 def choice_nll(model, tokenizer, context: str, choices: list[str]) -> list[float]:
@@ -110,6 +140,8 @@ def bits_per_byte(
     """Score `texts` with `model` read through `tokenizer`; bytes are counted on the texts.
 
     `window` defaults to min(1024, the model's context); a larger explicit one is refused.
+    Documents the tokenizer cannot reproduce byte-exactly are skipped and counted, as in
+    training (ctd.collate).
     """
     context = model_context(model)
     window = min(1024, context) if window is None else window
@@ -124,12 +156,12 @@ def bits_per_byte(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
     t0 = time.perf_counter()
     work: list[np.ndarray] = []
-    n_bytes = n_tokens = skipped = normalised = 0
-    for text in texts:
-        try:
-            (enc,) = encode(tokenizer, [text])
-        except CtdError:
-            skipped += 1
+    n_bytes = n_tokens = normalised = skipped_bytes = 0
+    skipped: list[str] = []
+    for text, enc in zip(texts, encode_or_explain(tokenizer, texts), strict=True):
+        if isinstance(enc, Unencodable):
+            skipped.append(f"{enc.char!r} at byte {enc.offset}")
+            skipped_bytes += len(text.encode())
             continue
         normalised += int(enc.lengths.sum()) != len(text.encode())
         n_bytes += len(text.encode())
@@ -138,19 +170,21 @@ def bits_per_byte(
     if not work:
         raise CtdError("no document could be tokenized byte-exactly; nothing was scored")
     order = sorted(range(len(work)), key=lambda i: -len(work[i]))  # similar lengths together
-    per_batch = max(1, min(batch_size, _LOGIT_BUDGET // (window * len(tokenizer))))
-    total = 0.0
+    nll = torch.zeros((), dtype=torch.float64)
     model.eval()
     with progress_bar(disable=not progress, transient=True) as bar:
         task = bar.add_task("bpb", total=len(work), info="")
-        for i in range(0, len(order), per_batch):
-            batch = [work[j] for j in order[i : i + per_batch]]
-            total += float(window_nll(model, batch, pad).sum())
+        for i in range(0, len(order), batch_size):
+            batch = [work[j] for j in order[i : i + batch_size]]
+            nll += window_nll(model, batch, pad).sum()
             bar.update(task, advance=len(batch), info=f"{sum(len(w) for w in batch)} tokens")
+    metric = BitsPerByte()
+    metric.update(nll, torch.tensor(n_bytes))
     return Bpb(
-        bpb=total / math.log(2) / n_bytes, nll_nats=total, bytes=n_bytes, tokens=n_tokens,
-        documents=len(texts) - skipped, windows=len(work), skipped_documents=skipped,
-        normalised_documents=normalised, seconds=time.perf_counter() - t0,
+        bpb=float(metric.compute()), nll_nats=float(metric.nll), bytes=n_bytes, tokens=n_tokens,
+        documents=len(texts) - len(skipped), windows=len(work), skipped_documents=len(skipped),
+        skipped_bytes=skipped_bytes, skipped_examples=skipped[:3], normalised_documents=normalised,
+        seconds=time.perf_counter() - t0,
     )
 
 

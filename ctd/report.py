@@ -21,7 +21,10 @@ from rich.table import Table
 
 @lru_cache(maxsize=1)
 def console() -> Console:
-    return Console(stderr=False, highlight=False)
+    """stdout; piped into a file or grep it is as wide as the text (not rich's 80 columns, which
+    truncated names)."""
+    return Console(stderr=False, highlight=False,
+                   width=None if sys.stdout.isatty() else 1000)
 
 
 def table(header: Sequence[str], rows: Iterable[Sequence[object]], title: str | None = None) -> Table:
@@ -54,29 +57,54 @@ def _pyplot():
     return plt
 
 
-def plot_curves(runs: dict[str, Path], metrics: list[str], path: Path) -> Path:
-    """Training curves from Lightning CSV logs (one line per run, one panel per metric)."""
+def run_curves(run: Path, metric: str) -> list[tuple[int, float]]:
+    """(step, value) of one metric over a training run directory's CSV logs
+    (`logs/version_N/metrics.csv`, one per start of the run; a resumed run logs the steps since
+    its checkpoint again, and the later value of a step wins)."""
     import csv
 
+    files = sorted(Path(run).glob("logs/version_*/metrics.csv"),
+                   key=lambda p: int(p.parent.name.removeprefix("version_")))
+    values: dict[int, float] = {}
+    for f in files:
+        values |= {int(r["step"]): float(r[metric]) for r in csv.DictReader(f.open())
+                   if r.get(metric)}
+    return sorted(values.items())
+
+
+def plot_series(panels: dict[str, dict[str, list[tuple[float, float]]]], xlabel: str,
+                path: Path) -> Path:
+    """One panel per key, one line per series; y axes fitted to the data, not to 0, so the
+    differences between series show."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.5), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
-        for label, csv_path in runs.items():
-            rows = [r for r in csv.DictReader(Path(csv_path).open()) if r.get(metric)]
-            if rows:
-                ax.plot([int(r["step"]) for r in rows], [float(r[metric]) for r in rows],
-                        label=label, marker="." if len(rows) < 30 else None)
-        ax.set_title(metric)
-        ax.set_xlabel("step")
-        ax.legend()
+    panels = {k: v for k, v in panels.items() if any(v.values())}
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5 * max(len(panels), 1), 3.5),
+                             squeeze=False)
+    for ax, (title, series) in zip(axes[0], panels.items()):
+        for label, points in series.items():
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, label=label, marker="." if len(points) < 30 else None)
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
+def plot_curves(runs: dict[str, Path], metrics: list[str], path: Path) -> Path:
+    """Training curves of run directories (one line per run, one panel per metric)."""
+    return plot_series({m: {label: run_curves(run, m) for label, run in runs.items()}
+                        for m in metrics}, "step", path)
+
+
 def plot_bars(values: dict[str, dict[str, float]], ylabel: str, path: Path) -> Path:
-    """Grouped bars: values[group][series], e.g. bpb per corpus per model."""
+    """Grouped bars: values[group][series], e.g. bpb per corpus per model; the y axis spans the
+    values (a bar chart from 0 would hide differences of a few percent)."""
+    import math
+
     plt = _pyplot()
     groups = list(values)
     series = list(dict.fromkeys(s for g in groups for s in values[g]))
@@ -87,6 +115,11 @@ def plot_bars(values: dict[str, dict[str, float]], ylabel: str, path: Path) -> P
         ys = [values[g].get(s, float("nan")) for g in groups]
         bars = ax.bar(xs, ys, width, label=s)
         ax.bar_label(bars, fmt="%.3f", fontsize=7)
+    finite = [v for g in values.values() for v in g.values() if math.isfinite(v)]
+    if finite:
+        lo, hi = min(finite), max(finite)
+        pad = (hi - lo) * 0.15 or abs(hi) * 0.05 or 1.0
+        ax.set_ylim(lo - pad, hi + pad)
     ax.set_xticks([g + width * (len(series) - 1) / 2 for g in range(len(groups))], groups)
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)

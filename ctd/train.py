@@ -1,65 +1,56 @@
-"""The LightningModule pairing a frozen teacher with a student, and its callbacks.
+"""The LightningModule pairing a frozen teacher with a student, and the run around it.
 
 The teacher is held outside the module's children: it never enters DDP/DeepSpeed wrapping, the
-optimizer or checkpoints, and keeps its own dtype. Everything cross-cutting (checkpoints,
-signals, RNG state, throughput) is a callback; `ctd.distill` wires them into a Trainer.
+optimizer or checkpoints, and keeps its own dtype. Objectives that need only the teacher's token
+log-probs (alm, clm) read them from the teacher cache and never load the teacher. Cross-cutting
+work is Lightning's: ModelCheckpoint saves `last.ckpt` every `checkpoint_every` steps through an
+atomic CheckpointIO, ThroughputMonitor logs tokens/s, CSV and TensorBoard loggers log; ctd adds
+one callback, for stopping cleanly on a signal.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
-import math
-import shutil
+import os
 import signal
-import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.plugins import TorchCheckpointIO
 from lightning_fabric.utilities.rank_zero import rank_zero_only
-from lightning_fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from pytorch_lightning.callbacks import ModelCheckpoint, ThroughputMonitor
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torch import Tensor
-from torchmetrics import Metric
+from torchmetrics import MeanMetric
 
-from ctd.config import DataConfig, ModelsConfig, OptimConfig, Trainable, TrainConfig
+from ctd.card import distill_card
+from ctd.config import DistillConfig, OptimConfig, Trainable, free_keys
 from ctd.data import DistillData
 from ctd.errors import CtdError
-from ctd.io import atomic_dir, write_json
-from ctd.losses.logprobs import hidden_states, output_head, token_logprobs
-from ctd.losses.objective import DistillObjective, LossSpec
-from ctd.numerics import resolve_dtype
+from ctd.evaluate import BitsPerByte, target_logprobs
+from ctd.io import RunLock, atomic_dir, check_config, disk_full, write_json
+from ctd.losses.alm import chunk_logliks
+from ctd.losses.logprobs import hidden_states, output_head
+from ctd.losses.objective import DistillObjective
+from ctd.numerics import fast_dtype, resolve_dtype
 from ctd.strategies import loss_scale, make_strategy, optimizer_class, zero_stage
+from ctd.teacher_cache import TeacherCache
 from ctd.zoo import load_model, load_tokenizer
 
 
-class BitsPerByte(Metric):
-    """Summed NLL (nats) over scored tokens / ln 2 / scored bytes; sums across ranks."""
-
-    full_state_update = False
-
-    def __init__(self):
-        super().__init__()
-        self.add_state("nll", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("bytes", torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
-
-    def update(self, nll: Tensor, num_bytes: Tensor) -> None:
-        self.nll += nll.double().sum()
-        self.bytes += num_bytes.sum()
-
-    def compute(self) -> Tensor:
-        return self.nll / math.log(2) / self.bytes.clamp(min=1)
-
-
-def _trainable(student, train: Trainable, lora_rank: int, lora_alpha: float):
+def _trainable(student, trainable: Trainable, lora_rank: int, lora_alpha: float):
     """Freeze what does not train; LoRA wraps the student with peft. Embeddings always train."""
-    if train == "lora":
+    if trainable == "lora":
         from peft import LoraConfig, get_peft_model
 
         student = get_peft_model(student, LoraConfig(r=lora_rank, lora_alpha=lora_alpha,
                                                      target_modules="all-linear"))
-    elif train == "embeddings":
+    elif trainable == "embeddings":
         student.requires_grad_(False)
     for emb in (student.get_input_embeddings(), student.get_output_embeddings()):
         if emb is not None:
@@ -75,17 +66,27 @@ def last_layer_params(model) -> list[Tensor]:
     return params or [p for p in model.get_output_embeddings().parameters() if p.requires_grad]
 
 
+def chunk_agreement(t_lp: Tensor, s_lp: Tensor, t_chunks: Tensor, s_chunks: Tensor
+                    ) -> tuple[Tensor, Tensor]:
+    """Sum over chunks of |l_T(c) - l_S(c)| (nats; plain chunk log-likelihoods) and the number
+    of chunks: how closely the student's likelihoods follow the teacher's."""
+    lt, ls, exists = chunk_logliks(t_lp.float(), s_lp.float(), t_chunks, s_chunks)
+    return (lt - ls).abs()[exists].sum(), exists.sum()
+
+
 class Distiller(pl.LightningModule):
-    """Student trained on `objective` against a frozen teacher (None for CLM-only)."""
+    """Student trained on `objective` against a frozen teacher, live (`teacher`) or cached in
+    the batches; None and no cache for CLM alone."""
 
     def __init__(self, student, teacher, objective: DistillObjective, optim: OptimConfig,
-                 train: Trainable = "all", lora_rank: int = 64, lora_alpha: float = 128.0):
+                 trainable: Trainable = "all", lora_rank: int = 64, lora_alpha: float = 64.0):
         super().__init__()
-        self.student = _trainable(student.train(), train, lora_rank, lora_alpha)
+        self.student = _trainable(student.train(), trainable, lora_rank, lora_alpha)
         self._teacher = (teacher.eval().requires_grad_(False),) if teacher is not None else ()
         self.objective, self.optim = objective, optim
         self.balance_params = last_layer_params(self.student)
         self.val_bpb, self.teacher_bpb = BitsPerByte(), BitsPerByte()
+        self.agreement = MeanMetric()
         self.teacher_bpb_done = False
 
     @property
@@ -96,47 +97,57 @@ class Distiller(pl.LightningModule):
         if self.teacher is not None:
             self.teacher.to(self.device)
 
-    @torch.inference_mode()
-    def _teacher_hidden(self, batch: dict) -> Tensor:
-        return hidden_states(self.teacher, batch["teacher_input_ids"],
-                             batch["teacher_attention_mask"])
+    on_validation_start = on_fit_start
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         s_hidden = hidden_states(self.student, batch["student_input_ids"],
                                  batch["student_attention_mask"])
-        needs = self.objective.teacher_need != "none"
+        live = self.teacher is not None and self.objective.teacher_need != "none"
+        with torch.inference_mode():
+            t_hidden = hidden_states(self.teacher, batch["teacher_input_ids"],
+                                     batch["teacher_attention_mask"]) if live else None
         parts = self.objective(
-            batch, s_hidden, output_head(self.student),
-            self._teacher_hidden(batch) if needs else None,
-            output_head(self.teacher) if needs else None,
+            batch, s_hidden, output_head(self.student), t_hidden,
+            output_head(self.teacher) if live else None,
             int(batch["global_chunks"]), int(batch["global_tokens"]),
             balance_params=self.balance_params,
         )
-        scale = loss_scale(self.trainer)
         # Each part is this micro-batch's share of the global mean; x (accumulation x ranks)
         # makes the logged value an estimate of that mean.
         share = self.trainer.accumulate_grad_batches * self.trainer.world_size
-        self.log_dict({f"train/{k}": v * share for k, v in parts.items()}, prog_bar=False)
+        self.log_dict({f"train/{k}": v * share for k, v in parts.items()})
         self.log_dict({"train/chunks": batch["num_chunks"].sum().float(),
                        "train/dropped_chunks": batch["dropped_chunks"].sum().float()})
-        return parts["loss"] * scale
+        return parts["loss"] * loss_scale(self.trainer)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.val_bpb.update(self._nll(self.student, batch, "student"), batch["num_bytes"])
-        if not self.teacher_bpb_done and self.teacher is not None:
-            self.teacher_bpb.update(self._nll(self.teacher, batch, "teacher"), batch["num_bytes"])
-
-    @staticmethod
-    def _nll(model, batch: dict, side: str) -> Tensor:
-        ids = batch[f"{side}_input_ids"]
-        hidden = hidden_states(model, ids, batch[f"{side}_attention_mask"])
-        lp, _ = token_logprobs(hidden, output_head(model), ids)
-        return -(lp * (batch[f"{side}_chunk_ids"] >= 0)).sum()
+        """Bits per byte of the student (the same computation as `ctd eval`), and against the
+        teacher (cached or live): its bpb once, and the chunk-likelihood agreement."""
+        s_lp = target_logprobs(self.student, batch["student_input_ids"],
+                               batch["student_attention_mask"])
+        self.val_bpb.update(-(s_lp * (batch["student_chunk_ids"] >= 0)).sum(1),
+                            batch["num_bytes"])
+        if "teacher_logprobs" in batch:
+            t_lp = batch["teacher_logprobs"]
+        elif self.teacher is not None:
+            t_lp = target_logprobs(self.teacher, batch["teacher_input_ids"],
+                                   batch["teacher_attention_mask"])
+        else:
+            return
+        if not self.teacher_bpb_done:
+            self.teacher_bpb.update(-(t_lp * (batch["teacher_chunk_ids"] >= 0)).sum(1),
+                                    batch["num_bytes"])
+        total, chunks = chunk_agreement(t_lp, s_lp, batch["teacher_chunk_ids"],
+                                        batch["student_chunk_ids"])
+        self.agreement.update(total / chunks.clamp(min=1), chunks)
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val/bpb", self.val_bpb.compute(), prog_bar=True, sync_dist=False)
+        self.log("val/bpb", self.val_bpb.compute(), prog_bar=True)
         self.val_bpb.reset()
-        if not self.teacher_bpb_done and self.teacher is not None:
+        if self.agreement.update_count:
+            self.log("val/agreement", self.agreement.compute())
+            self.agreement.reset()
+        if not self.teacher_bpb_done and self.teacher_bpb.update_count:
             self.log("val/teacher_bpb", self.teacher_bpb.compute())
             self.teacher_bpb_done = True
 
@@ -165,35 +176,45 @@ class Distiller(pl.LightningModule):
         self.teacher_bpb_done = checkpoint.get("teacher_bpb_done", False)
 
 
-class TokensPerSecond(pl.Callback):
-    """Teacher + student tokens per second of wall time, in the progress bar and the logs."""
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint beside its final name, syncs it to disk and renames it: a crash or a
+    kill -9 mid-write leaves the previous checkpoint intact, a full disk is one clear error.
+    (Lightning's own writes through a temporary file in the system's temp directory and moves
+    it, which is a copy when that is another filesystem.)"""
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._t0 = time.perf_counter()
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # one fixed name: a write killed mid-way leaves a file the next write replaces (the
+        # run directory's lock keeps a second writer out)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            with tmp.open("wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except Exception as e:
+            tmp.unlink(missing_ok=True)
+            if disk_full(e):
+                raise CtdError(f"cannot write checkpoint {path}: no space left on the device; "
+                               "free some and run again with --resume (the previous checkpoint "
+                               "is intact)") from e
+            raise
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        tokens = batch["student_attention_mask"].sum() + batch["teacher_attention_mask"].sum()
-        seconds = max(time.perf_counter() - self._t0, 1e-9)
-        pl_module.log("tokens_per_s", tokens.float() / seconds, prog_bar=True)
 
+class StopOnSignal(pl.Callback):
+    """On SIGINT/SIGTERM: finish the optimizer step under way, save last.ckpt, stop. (Lightning
+    stops on SIGTERM after any micro-batch, mid-accumulation, and treats SIGINT as a crash.)
+    Also saves last.ckpt when training ends between two of ModelCheckpoint's saves."""
 
-class Checkpoints(pl.Callback):
-    """Saves `dir/last.ckpt` every `every` optimizer steps, at the end, and on SIGINT/SIGTERM
-    (then stops). Each save is written beside and renamed, so a crash never leaves a broken
-    last checkpoint. Also carries the RNG states, so a resumed run draws the same numbers."""
-
-    def __init__(self, directory: Path, every: int):
-        self.dir, self.every = Path(directory), every
-        self.stop_requested = self.interrupted = False
-        self._saved_step = -1
+    def __init__(self, last: Path, every: int):
+        self.last, self.every = Path(last), every
+        self.requested = self.interrupted = False
         self._previous: dict = {}
 
-    @property
-    def last(self) -> Path:
-        return self.dir / "last.ckpt"
-
     def _on_signal(self, signum, frame) -> None:
-        self.stop_requested = True
+        self.requested = True
 
     def on_fit_start(self, trainer, pl_module) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -208,39 +229,21 @@ class Checkpoints(pl.Callback):
         self._previous.clear()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if step == self._saved_step or (batch_idx + 1) % trainer.accumulate_grad_batches:
-            return
-        stop = trainer.strategy.reduce_boolean_decision(self.stop_requested, all=False)
-        if stop or step % self.every == 0:
-            self.save(trainer)
-        if stop:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # mid-accumulation: the step is not done
+        if trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+            # saved here, mid-epoch: a checkpoint written after the loop ends marks the epoch
+            # done, and a resumed run would start the next one (another data order)
+            self._save(trainer)
             self.interrupted = trainer.should_stop = True
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.global_step != self._saved_step:
-            self.save(trainer)
+        if trainer.global_step % self.every and not self.interrupted:
+            self._save(trainer)
 
-    def save(self, trainer) -> None:
-        tmp = self.dir / f".last.ckpt.tmp-{trainer.global_step}"
-        trainer.save_checkpoint(tmp)
-        if trainer.is_global_zero:
-            old = self.dir / ".last.ckpt.old"
-            if self.last.exists():
-                self.last.rename(old)
-            tmp.rename(self.last)
-            if old.is_dir():
-                shutil.rmtree(old)
-            elif old.exists():
-                old.unlink()
-        trainer.strategy.barrier("checkpoint")
-        self._saved_step = trainer.global_step
-
-    def state_dict(self) -> dict:
-        return {"rng": _collect_rng_states()}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        _set_rng_states(state_dict["rng"])
+    def _save(self, trainer) -> None:
+        if trainer.global_step % self.every:  # else ModelCheckpoint has just saved this step
+            trainer.save_checkpoint(self.last)
 
 
 def check_tokenizer_fits(model, tokenizer, role: str) -> None:
@@ -253,40 +256,19 @@ def check_tokenizer_fits(model, tokenizer, role: str) -> None:
         )
 
 
-# Settings a resumed run may change: they do not alter what is computed.
-_RESUME_FREE = {"data.num_workers", "train.threads", "train.progress", "train.log_every"}
+def precision(name: str, accelerator: str) -> str:
+    """Lightning's precision; "auto" is bf16-mixed where the device computes bf16 fast."""
+    if name != "auto":
+        return name
+    device = "cuda" if accelerator in ("gpu", "cuda") or (
+        accelerator == "auto" and torch.cuda.is_available()) else "cpu"
+    return "bf16-mixed" if fast_dtype(device) == torch.bfloat16 else "32-true"
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _check_out(out: Path, config: dict, resume: bool) -> None:
-    """Refuse (before anything is written) a resume that cannot continue this config, and a
-    fresh run into a used directory."""
-    saved, ckpt = out / "config.json", out / "checkpoints" / "last.ckpt"
-    if resume:
-        if not saved.exists() or not ckpt.exists():
-            raise CtdError(f"nothing to resume in {out}: no config.json or checkpoints/last.ckpt")
-        old, new = _flat(json.loads(saved.read_text())), _flat(json.loads(json.dumps(config)))
-        diff = sorted(k for k in old.keys() | new.keys()
-                      if k not in _RESUME_FREE and old.get(k) != new.get(k))
-        if diff:
-            raise CtdError(f"{out} was made by a different config (differs in: {', '.join(diff)}); "
-                           "resume with the same config or choose another --out")
-    elif out.exists() and any(out.iterdir()):
-        raise CtdError(f"output directory {out} is not empty; pass --resume to continue it "
-                       "or choose another --out")
-
-
-def _export(module: Distiller, trainer: pl.Trainer, tokenizer, ckpt: Path, dest: Path) -> None:
-    """The student as an HF directory (LoRA merged), written to a temp path and renamed."""
+def _export(module: Distiller, trainer: pl.Trainer, tokenizer, ckpt: Path, dest: Path,
+            config: dict, data: dict) -> None:
+    """The student as an HF directory (LoRA merged) with its training config and model card,
+    written to a temporary path and renamed."""
     student = module.student
     if zero_stage(trainer.strategy) == 3:  # parameters are partitioned: rebuild from the ckpt
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -300,69 +282,144 @@ def _export(module: Distiller, trainer: pl.Trainer, tokenizer, ckpt: Path, dest:
         with atomic_dir(dest, overwrite=True) as tmp:
             student.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+            write_json(tmp / "ctd-distill.json", config)
+            distill_card(tmp, config, trainer.global_step, dest.parent, data)
 
 
-def distill(models: ModelsConfig, data: DataConfig, losses: list[LossSpec], balance: str,
-            optim: OptimConfig, train: TrainConfig, out: Path, resume: bool = False,
+def _check_out(out: Path, config: dict, resume: bool) -> None:
+    """Refuse (before anything is written) a resume that cannot continue this config, and a
+    fresh run into a used directory."""
+    if resume:
+        if not (out / "checkpoints" / "last.ckpt").exists():
+            raise CtdError(f"nothing to resume in {out}: no checkpoints/last.ckpt")
+        check_config(out / "config.json", config, free_keys(DistillConfig))
+    elif out.exists() and any(p.name != ".lock" for p in out.iterdir()):
+        raise CtdError(f"output directory {out} is not empty; pass --resume to continue it "
+                       "or choose another --out")
+
+
+def _cache(config: DistillConfig, tokenizer, load: Callable, splits: tuple[str, ...],
+           rebuild: str) -> TeacherCache:
+    return TeacherCache(config.data.teacher_cache, config.models.teacher,
+                        resolve_dtype(config.models.teacher_dtype), tokenizer, load, splits,
+                        rebuild=rebuild, batch_size=config.data.val_batch_size,
+                        show_progress=config.train.progress)
+
+
+def build_teacher_cache(config: DistillConfig) -> dict[str, Path]:
+    """The teacher cache of both splits of a config's data, built where missing; returns where
+    each split's lives."""
+    m = config.models
+    if config.data.teacher_cache == "off":
+        raise CtdError("data.teacher_cache is off; set it to auto or a directory")
+    if m.teacher is None or m.student is None:
+        raise CtdError("give both models.teacher and models.student (the student's tokenizer "
+                       "decides the windows)")
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    t_tok = load_tokenizer(m.teacher_tokenizer or m.teacher)
+    s_tok = load_tokenizer(m.student_tokenizer or m.student)
+    rows = DistillData(t_tok, s_tok, config.data).rows()
+    cache = _cache(config, t_tok, lambda: load_model(m.teacher, dtype=resolve_dtype(
+        m.teacher_dtype)), ("train", "validation"), "ctd teacher-cache --config CONFIG")
+    cache(rows)
+    return {split: cache.path(split, cache.meta(rows[split])) for split in cache.splits}
+
+
+def distill(config: DistillConfig, out: Path, resume: bool = False,
             callbacks: tuple[pl.Callback, ...] = (), strategy=None) -> dict:
-    """Train the student on the objective; checkpoints and the export go under `out`.
+    """Train the student on the objective; checkpoints, logs and the export go under `out`.
 
-    Returns a summary: steps taken, whether a signal interrupted the run, the export path.
+    Returns a summary: steps taken, whether a signal interrupted the run, the export path and
+    the data statistics.
     """
+    models, data, train = config.models, config.data, config.train
+    if models.teacher is None or models.student is None:
+        raise CtdError("give both models.teacher and models.student")
     out = Path(out).expanduser().resolve()
-    config = {"models": asdict(models), "data": asdict(data), "losses": [asdict(s) for s in losses],
-              "balance": balance, "optim": asdict(optim), "train": asdict(train)}
+    saved = json.loads(json.dumps(asdict(config), default=str))
     rank_zero = rank_zero_only.rank == 0
-    if rank_zero:
-        _check_out(out, config, resume)
-    if train.threads:
-        torch.set_num_threads(train.threads)
-    t_tok = load_tokenizer(models.teacher_tokenizer or models.teacher)
-    s_tok = load_tokenizer(models.student_tokenizer or models.student)
-    objective = DistillObjective(losses, t_tok, s_tok, balance)
-    dm = DistillData(t_tok, s_tok, data, train.accumulate)
-    dm.setup("fit")  # alignment errors surface here, before anything is written
-    student = load_model(models.student)
-    check_tokenizer_fits(student, s_tok, "student")
-    teacher = None
-    if objective.teacher_need != "none":
-        teacher = load_model(models.teacher, dtype=resolve_dtype(models.teacher_dtype))
-        check_tokenizer_fits(teacher, t_tok, "teacher")
-    module = Distiller(student, teacher, objective, optim, models.trainable, models.lora_rank,
-                       models.lora_alpha)
-    if rank_zero and not resume:
-        write_json(out / "config.json", config)
-    ckpts = Checkpoints(out / "checkpoints", train.checkpoint_every)
-    trainer = pl.Trainer(
-        max_steps=train.max_steps, accumulate_grad_batches=train.accumulate,
-        precision="32-true" if train.precision == "auto" else train.precision,
-        accelerator=train.accelerator, devices=train.devices,
-        strategy=strategy or make_strategy(train.strategy, train.deepspeed_config),
-        gradient_clip_val=optim.grad_clip or None,
-        val_check_interval=train.val_every * train.accumulate if train.val_every else None,
-        limit_val_batches=None if train.val_every else 0, check_val_every_n_epoch=None,
-        num_sanity_val_steps=0, log_every_n_steps=train.log_every, use_distributed_sampler=False,
-        logger=[CSVLogger(out, name="logs"), TensorBoardLogger(out, name="tensorboard")],
-        callbacks=[*callbacks, TokensPerSecond(), ckpts], enable_checkpointing=False,
-        enable_progress_bar=train.progress, default_root_dir=out,
-    )
-    # Our own checkpoint (it holds numpy RNG state, which weights_only loading rejects).
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpts.last if resume else None,
-                weights_only=False)
-    summary = {"steps": trainer.global_step, "interrupted": ckpts.interrupted,
-               "checkpoint": str(ckpts.last), "export": None}
-    if not ckpts.interrupted:
-        _export(module, trainer, s_tok, ckpts.last, out / "model")
-        summary["export"] = str(out / "model")
-    return summary
+    with RunLock(out) if rank_zero else contextlib.nullcontext():
+        if rank_zero:
+            _check_out(out, saved, resume)
+        if train.threads:
+            torch.set_num_threads(train.threads)
+        t_tok = load_tokenizer(models.teacher_tokenizer or models.teacher)
+        s_tok = load_tokenizer(models.student_tokenizer or models.student)
+        objective = DistillObjective(config.losses, t_tok, s_tok, config.balance)
+        dtype = resolve_dtype(models.teacher_dtype)
+
+        def load_teacher():
+            teacher = load_model(models.teacher, dtype=dtype)
+            check_tokenizer_fits(teacher, t_tok, "teacher")
+            return teacher
+
+        need = objective.teacher_need
+        cache = None
+        if data.teacher_cache != "off" and need != "hidden":
+            cache = _cache(config, t_tok, load_teacher,
+                           ("train", "validation") if need == "logprobs" else ("validation",),
+                           f"ctd teacher-cache --config {out / 'config.json'}")
+        dm = DistillData(t_tok, s_tok, data, train.accumulate, teacher_rows=cache)
+        dm.setup("fit")  # alignment errors and the teacher cache build happen here
+        student = load_model(models.student)
+        check_tokenizer_fits(student, s_tok, "student")
+        live = need == "hidden" or (need == "logprobs" and cache is None)
+        module = Distiller(student, load_teacher() if live else None, objective, config.optim,
+                           models.trainable, models.lora_rank, models.lora_alpha)
+        if rank_zero:
+            if not resume:
+                write_json(out / "config.json", saved)
+            write_json(out / "data_stats.json", dm.stats)
+        last = out / "checkpoints" / "last.ckpt"
+        stop = StopOnSignal(last, max(train.checkpoint_every, 1))
+        strategy = strategy or make_strategy(train.strategy, train.deepspeed_config)
+        trainer = pl.Trainer(
+            max_steps=train.max_steps, accumulate_grad_batches=train.accumulate,
+            precision=precision(train.precision, train.accelerator),
+            accelerator=train.accelerator, devices=train.devices, num_nodes=train.num_nodes,
+            strategy=strategy,
+            plugins=[] if zero_stage(strategy) is not None else [AtomicCheckpointIO()],
+            gradient_clip_val=config.optim.grad_clip or None,
+            val_check_interval=train.val_every * train.accumulate if train.val_every else None,
+            limit_val_batches=None if train.val_every else 0, check_val_every_n_epoch=None,
+            num_sanity_val_steps=0, log_every_n_steps=train.log_every,
+            use_distributed_sampler=False,
+            # a new version per start of the run (Lightning's CSV logger deletes an existing
+            # file of its version); ctd.report.run_curves joins them
+            logger=[CSVLogger(out, name="logs", flush_logs_every_n_steps=1),  # kill -9 loses none
+                    TensorBoardLogger(out, name="tensorboard")],
+            callbacks=[*callbacks, ThroughputMonitor(
+                batch_size_fn=lambda b: b["student_input_ids"].shape[0],
+                length_fn=lambda b: int(b["student_attention_mask"].sum()
+                                        + b["teacher_attention_mask"].sum()),
+                window_size=5),
+                ModelCheckpoint(out / "checkpoints", save_last=True, save_top_k=0,
+                                every_n_train_steps=max(train.checkpoint_every, 1),
+                                enable_version_counter=False), stop],
+            enable_progress_bar=train.progress, enable_model_summary=False,
+            inference_mode=False,  # no_grad: metric states from validate() stay usable in fit()
+            default_root_dir=out,
+        )
+        if train.val_every and not resume:  # the curves' step-0 point: the student as given
+            trainer.validate(module, datamodule=dm, verbose=False)
+        # numpy arrays in the loop state need weights_only=False (our own checkpoints)
+        trainer.fit(module, datamodule=dm, ckpt_path=last if resume else None,
+                    weights_only=False)
+        summary = {"steps": trainer.global_step, "interrupted": stop.interrupted,
+                   "checkpoint": str(last), "export": None, "data": dm.stats}
+        if not stop.interrupted:
+            _export(module, trainer, s_tok, last, out / "model", saved, dm.stats)
+            summary["export"] = str(out / "model")
+        return summary
 
 
-def distill_step(models: ModelsConfig, data: DataConfig, losses: list[LossSpec], balance: str,
-                 optim: OptimConfig, train: TrainConfig, out: Path) -> dict:
+def distill_step(config: DistillConfig, out: Path) -> dict:
     """`distill` as a recipe step: continues `out`'s last checkpoint if an earlier run was
     interrupted, and raises KeyboardInterrupt if this one is (the checkpoint is kept)."""
     resume = (Path(out) / "checkpoints" / "last.ckpt").exists()
-    summary = distill(models, data, losses, balance, optim, train, out, resume=resume)
+    summary = distill(config, out, resume=resume)
+    gc.collect()  # the trainer and the module refer to each other: free the models now
     if summary["interrupted"]:
         raise KeyboardInterrupt(f"training interrupted; run the recipe again to continue {out}")
     return summary

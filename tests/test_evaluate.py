@@ -89,3 +89,20 @@ def test_real_models_score_text_sanely(name, low, high, real_tokenizers):
             "more than two million residents, it is the centre of the Île-de-France region.")
     result = bits_per_byte(load_model(name), real_tokenizers[name], [text], progress=False)
     assert low < result.bpb < high, result
+
+
+def test_a_local_file_is_scored_whole_unless_a_split_is_asked(tmp_path, smol_tok, capsys):
+    """`ctd eval --corpus notes.txt`: a user's own text is scored as given (a 3-paragraph file
+    has no "validation" split to speak of); `--split` still selects one."""
+    import json
+
+    from ctd.cli import main
+
+    tiny_model(smol_tok, "llama").save_pretrained(tmp_path / "m")
+    smol_tok.save_pretrained(tmp_path / "m")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("\n\n".join(TEXTS))
+    main(["eval", "--model", str(tmp_path / "m"), "--corpus", str(notes), "--json",
+          str(tmp_path / "r.json")])
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["documents"] == 3 and result["bytes"] == sum(len(t.encode()) for t in TEXTS)

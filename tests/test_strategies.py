@@ -18,7 +18,7 @@ from ctd.losses.objective import DistillObjective, LossSpec
 from ctd.strategies import deepspeed_config
 from ctd.train import Distiller, distill
 from ctd.zoo import load_tokenizer
-from tests.test_train import configs
+from tests.tiny import distill_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
 
@@ -118,9 +118,9 @@ def test_deepspeed_configs_validate(name):
 
 
 def test_deepspeed_stage2_trains_and_exports(zoo_dir, tmp_path, no_shm_compile):
-    cfg = configs(zoo_dir, max_steps=3, accelerator="cpu", checkpoint_every=2)
+    cfg = distill_config(zoo_dir, max_steps=3, accelerator="cpu", checkpoint_every=2)
     strategy = CPUDeepSpeedStrategy(config=deepspeed_config(CONFIGS / "zero2.json"))
-    summary = distill(**cfg, out=tmp_path / "ds", strategy=strategy)
+    summary = distill(cfg, out=tmp_path / "ds", strategy=strategy)
     assert summary["steps"] == 3 and Path(summary["checkpoint"]).is_dir()
     AutoModelForCausalLM.from_pretrained(summary["export"])
 
@@ -134,3 +134,39 @@ def test_deepspeed_accumulation_gives_the_big_batch_gradient(zoo_dir, tmp_path,
     ds = _first_gradient(zoo_dir, tmp_path / "ds.pt", batch=2, accumulate=2,
                          record=FirstFullGradient, strategy=strategy)
     _assert_close(big, ds)
+
+
+def test_two_nodes_over_gloo_train_like_one_process(zoo_dir, tmp_path):
+    """train.num_nodes as Lightning has it: two single-process "nodes" on localhost, launched
+    by torchrun as on two machines, take the same steps as one process with their global batch."""
+    import socket
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    cfg = distill_config(zoo_dir, max_steps=2, accelerator="cpu")
+    cfg.data.max_documents = 32
+    one = distill(cfg, out=tmp_path / "one")  # batch 4 in one process
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["--models.teacher", cfg.models.teacher, "--models.student", cfg.models.student,
+            "--models.teacher_dtype", "float32", "--data.corpus", cfg.data.corpus,
+            "--data.max_length", "48", "--data.batch_size", "2", "--data.max_documents", "32",
+            "--data.val_documents", "8", "--losses", "[{name: alm}, {name: clm, weight: 0.1}]",
+            "--balance", "fixed", "--optim.lr", "3e-3", "--optim.warmup_steps", "1",
+            "--train.max_steps", "2", "--train.val_every", "0", "--train.precision", "32-true",
+            "--train.strategy", "ddp", "--train.accelerator", "cpu", "--train.num_nodes", "2",
+            "--train.progress", "false", "--train.threads", "1", "--out", str(tmp_path / "two")]
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
+         "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
+         "-m", "ctd.cli", "distill", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True) for rank in (0, 1)]
+    for node in nodes:
+        assert node.wait(timeout=600) == 0, node.stdout.read()[-3000:]
+    a = load_file(Path(one["export"]) / "model.safetensors")
+    b = load_file(tmp_path / "two" / "model" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)

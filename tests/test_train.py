@@ -12,24 +12,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ctd.cli import main
-from ctd.config import DataConfig, ModelsConfig, OptimConfig, TrainConfig
+from ctd.config import DataConfig
 from ctd.data import DistillData
 from ctd.errors import CtdError
 from ctd.losses.logprobs import hidden_states, output_head
 from ctd.losses.objective import DistillObjective, LossSpec
 from ctd.train import distill
-
-
-def configs(root: Path, **train) -> dict:
-    return {
-        "models": ModelsConfig(teacher=str(root / "teacher"), student=str(root / "student")),
-        "data": DataConfig(corpus=str(root / "corpus.txt"), max_length=48, batch_size=4,
-                        val_documents=8, val_batch_size=8),
-        "losses": [LossSpec("alm"), LossSpec("clm", weight=0.1)], "balance": "fixed",
-        "optim": OptimConfig(lr=3e-3, warmup_steps=1),
-        "train": TrainConfig(**{"max_steps": 4, "val_every": 0, "checkpoint_every": 100,
-                             "progress": False, **train}),
-    }
+from tests.tiny import distill_config
 
 
 class Record(pl.Callback):
@@ -41,18 +30,19 @@ class Record(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         m = trainer.callback_metrics
-        self.steps.append({k: float(v) for k, v in m.items() if k.startswith("train/")})
+        self.steps.append({k: float(v) for k, v in m.items()
+                           if k.startswith("train/") and "_per_sec" not in k})
         if trainer.global_step == self.interrupt_at:
             signal.raise_signal(signal.SIGINT)
 
 
 def test_alm_goes_down_and_export_reloads(zoo_dir, tmp_path):
     rec = Record()
-    cfg = configs(zoo_dir, max_steps=10, val_every=5)
-    cfg["losses"] = [LossSpec("alm")]
-    cfg["data"].max_documents = 8  # two batches, seen again and again: learnable
-    cfg["data"].batch_size = 4
-    summary = distill(**cfg, out=tmp_path / "run", callbacks=(rec,))
+    cfg = distill_config(zoo_dir, max_steps=10, val_every=5)
+    cfg.losses = [LossSpec("alm")]
+    cfg.data.max_documents = 8  # two batches, seen again and again: learnable
+    cfg.data.batch_size = 4
+    summary = distill(cfg, out=tmp_path / "run", callbacks=(rec,))
     alm = [s["train/alm"] for s in rec.steps]
     assert summary["steps"] == 10 and not summary["interrupted"]
     assert sum(alm[-2:]) < 0.7 * sum(alm[:2]), alm
@@ -60,8 +50,8 @@ def test_alm_goes_down_and_export_reloads(zoo_dir, tmp_path):
     assert model.config.vocab_size == tiny_model_vocab(zoo_dir)
     assert (tmp_path / "run" / "config.json").exists()
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
-    metrics = next((tmp_path / "run" / "logs").glob("*/metrics.csv")).read_text()
-    for key in ("val/bpb", "val/teacher_bpb", "tokens_per_s", "train/chunks"):
+    metrics = (tmp_path / "run" / "logs" / "version_0" / "metrics.csv").read_text()
+    for key in ("val/bpb", "val/teacher_bpb", "val/agreement", "items_per_sec", "train/chunks"):
         assert key in metrics
 
 
@@ -86,13 +76,13 @@ def test_identical_teacher_and_student_give_zero_alm(zoo_dir, smol_tok):
 
 def test_resume_is_exact(zoo_dir, tmp_path):
     whole = Record()
-    distill(**configs(zoo_dir), out=tmp_path / "whole", callbacks=(whole,))
+    distill(distill_config(zoo_dir), out=tmp_path / "whole", callbacks=(whole,))
     first = Record(interrupt_at=2)
     out = tmp_path / "split"
-    summary = distill(**configs(zoo_dir), out=out, callbacks=(first,))
+    summary = distill(distill_config(zoo_dir), out=out, callbacks=(first,))
     assert summary["interrupted"] and summary["steps"] == 2 and summary["export"] is None
     second = Record()
-    summary = distill(**configs(zoo_dir), out=out, resume=True, callbacks=(second,))
+    summary = distill(distill_config(zoo_dir), out=out, resume=True, callbacks=(second,))
     assert summary["steps"] == 4 and summary["export"] is not None
     assert len(first.steps) == 2 and len(second.steps) == 2
     for a, b in zip(whole.steps, first.steps + second.steps, strict=True):
@@ -103,15 +93,15 @@ def test_resume_is_exact(zoo_dir, tmp_path):
 
 def test_resume_with_another_config_is_refused(zoo_dir, tmp_path):
     out = tmp_path / "run"
-    distill(**configs(zoo_dir, max_steps=1), out=out)
+    distill(distill_config(zoo_dir, max_steps=1), out=out)
     ckpt = out / "checkpoints" / "last.ckpt"
     before = ckpt.stat().st_mtime_ns
-    cfg = configs(zoo_dir, max_steps=1)
-    cfg["optim"].lr = 1.0
+    cfg = distill_config(zoo_dir, max_steps=1)
+    cfg.optim.lr = 1.0
     with pytest.raises(CtdError, match="different config.*optim.lr"):
-        distill(**cfg, out=out, resume=True)
+        distill(cfg, out=out, resume=True)
     with pytest.raises(CtdError, match="not empty"):
-        distill(**configs(zoo_dir, max_steps=1), out=out)
+        distill(distill_config(zoo_dir, max_steps=1), out=out)
     assert ckpt.stat().st_mtime_ns == before
 
 
@@ -144,10 +134,58 @@ def test_embeddings_only_training_keeps_the_body(zoo_dir, tmp_path):
     the exported model differs from the start only in its embedding matrices."""
     from safetensors.torch import load_file
 
-    cfg = configs(zoo_dir, max_steps=2)
-    cfg["models"].trainable = "embeddings"
-    summary = distill(**cfg, out=tmp_path / "run")
+    cfg = distill_config(zoo_dir, max_steps=2)
+    cfg.models.trainable = "embeddings"
+    summary = distill(cfg, out=tmp_path / "run")
     before = load_file(zoo_dir / "student" / "model.safetensors")
     after = load_file(Path(summary["export"]) / "model.safetensors")
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all("embed" in k or "lm_head" in k for k in changed), changed
+
+
+def test_lora_trains_the_embeddings_and_merges_into_the_export(zoo_dir, tmp_path):
+    """trainable=lora (how the ALM reference heals a transplant): adapters on every linear layer
+    plus trainable embeddings; the export is a plain model with the adapters merged in."""
+    from safetensors.torch import load_file
+
+    cfg = distill_config(zoo_dir, max_steps=2)
+    cfg.models.trainable, cfg.models.lora_rank = "lora", 4
+    summary = distill(cfg, out=tmp_path / "run")
+    before = load_file(zoo_dir / "student" / "model.safetensors")
+    after = load_file(Path(summary["export"]) / "model.safetensors")
+    assert before.keys() == after.keys()  # no adapter tensors left: merged
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any("embed" in k for k in changed)  # the embeddings trained
+    assert any("q_proj" in k for k in changed) and any("mlp" in k for k in changed)  # merged
+    assert not any("norm" in k for k in changed)  # what LoRA does not touch stays
+
+
+def test_validation_and_ctd_eval_compute_one_bits_per_byte(zoo_dir, smol_tok):
+    """Validation's bpb (ctd distill) and ctd eval's are one computation: on the same texts
+    cut into the same windows they give the same number."""
+    from ctd.evaluate import bits_per_byte
+    from ctd.train import Distiller
+
+    cfg = DataConfig(corpus=str(zoo_dir / "corpus.txt"), max_length=512, val_documents=12,
+                     val_batch_size=5)
+    dm = DistillData(smol_tok, smol_tok, cfg)  # one tokenizer: windows are eval's windows
+    dm.setup("fit")
+    texts = dm.corpora()["validation"]["text"]
+    student = AutoModelForCausalLM.from_pretrained(zoo_dir / "student")
+    want = bits_per_byte(student, smol_tok, texts, window=512, progress=False).bpb
+    module = Distiller(student, None, DistillObjective([LossSpec("clm")], smol_tok, smol_tok),
+                       distill_config(zoo_dir).optim)
+    (got,) = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False).validate(module, datamodule=dm, verbose=False)
+    assert got["val/bpb"] == pytest.approx(want, rel=1e-5)
+
+
+def test_export_carries_a_model_card(zoo_dir, tmp_path):
+    from ctd.card import read_front_matter
+
+    summary = distill(distill_config(zoo_dir, max_steps=1), out=tmp_path / "run")
+    meta = read_front_matter(summary["export"])
+    assert meta["pipeline_tag"] == "text-generation" and "distill" in meta["tags"]
+    card = (Path(summary["export"]) / "README.md").read_text()
+    assert f"ctd distill --config {tmp_path / 'run' / 'config.json'}" in card
+    assert "- steps: 1" in card and "- losses: alm, clm" in card

@@ -72,3 +72,21 @@ def write_vec(path, words, vectors, header=True):
     lines += [w + " " + " ".join(f"{x:.6f}" for x in v) for w, v in zip(words, vectors, strict=True)]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def distill_config(root, **train):
+    """A quick distill config over `zoo_dir` (tests/conftest.py): tiny Qwen-tokenizer teacher,
+    tiny SmolLM2-tokenizer student, ALM + 0.1 CLM, 4 steps of 4 x 48 tokens."""
+    from ctd.config import DataConfig, DistillConfig, ModelsConfig, OptimConfig, TrainConfig
+    from ctd.losses.objective import LossSpec
+
+    return DistillConfig(
+        models=ModelsConfig(teacher=str(root / "teacher"), student=str(root / "student"),
+                            teacher_dtype="float32"),
+        data=DataConfig(corpus=str(root / "corpus.txt"), max_length=48, batch_size=4,
+                        val_documents=8, val_batch_size=8),
+        losses=[LossSpec("alm"), LossSpec("clm", weight=0.1)], balance="fixed",
+        optim=OptimConfig(lr=3e-3, warmup_steps=1),
+        train=TrainConfig(**{"max_steps": 4, "val_every": 0, "checkpoint_every": 100,
+                             "progress": False, "precision": "32-true", **train}),
+    )
