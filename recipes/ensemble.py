@@ -12,11 +12,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ctd.config import free_keys
 from ctd.corpora import load_corpus, load_texts
 from ctd.ensemble import Mode, compare
 from ctd.errors import CtdError
 from ctd.io import Stages
-from ctd.recipes.heal import HealConfig
+from ctd.losses.objective import LossSpec
+from ctd.recipes.heal import Arm, EvalConfig, HealConfig
 from ctd.recipes.heal import run as heal
 from ctd.report import console, markdown_table, plot_bars
 from ctd.zoo import resolve_tokenizer
@@ -26,16 +28,18 @@ from ctd.zoo import resolve_tokenizer
 class EnsembleConfig:
     """The ensemble recipe. Args:
         partner: the model that already uses the shared tokenizer (it is also the OMP donor).
-        heal: how the other model is moved and healed (its `tokenizer` must be `partner`).
+        heal: how the other model is moved and healed (its `tokenizer` must be `partner`); the
+            healed model of its first arm is the member.
         moved: an already moved and healed model on the partner's tokenizer (e.g. the heal
-            recipe's `healed-alm/model`); when given, the heal step is skipped.
+            recipe's `alm+clm/model`); when given, the heal step is skipped.
         mode: average probabilities or logits.
         eval_bytes: bpb on this many bytes of wiki-en test; gsm_problems: gsm-symbolic test items.
     """
 
     partner: str = "smollm2-135m"
     heal: HealConfig = field(default_factory=lambda: HealConfig(
-        compare_clm=False, eval_corpora=["wiki-en"], out=Path("runs/ensemble/heal")))
+        arms={"alm+clm": Arm([LossSpec("alm"), LossSpec("clm")])},
+        eval=EvalConfig(corpora=["wiki-en"]), out=Path("runs/ensemble/heal")))
     moved: Path | None = None
     mode: Mode = "probs"
     eval_bytes: int = 50_000
@@ -49,13 +53,13 @@ def run(cfg: EnsembleConfig) -> Path:
         raise CtdError(f"the heal step moves {cfg.heal.base} onto {cfg.heal.tokenizer}, not onto "
                        f"the partner {cfg.partner}'s tokenizer; set heal.tokenizer to the partner")
     out = Path(cfg.out).expanduser().resolve()
-    stages = Stages(out, asdict(cfg))
+    stages = Stages(out, asdict(cfg), free_keys(EnsembleConfig))
 
     # 1. Move the other family onto the partner's tokenizer and heal it (resumable).
     moved = cfg.moved
     if moved is None:
         heal(cfg.heal)
-        moved = Path(cfg.heal.out).expanduser().resolve() / "healed-alm" / "model"
+        moved = Path(cfg.heal.out).expanduser().resolve() / next(iter(cfg.heal.arms)) / "model"
 
     # 2. Score each member and the ensemble through the shared tokenizer.
     texts = load_texts("wiki-en", "test", cfg.eval_bytes)

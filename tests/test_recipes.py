@@ -8,9 +8,22 @@ import json
 
 import pytest
 
+from ctd.config import DataConfig, OptimConfig, TrainConfig
 from ctd.errors import CtdError
-from ctd.recipes.heal import HealConfig, gap_closed, run
+from ctd.recipes.heal import EvalConfig, HealConfig, TransplantConfig, gap_closed, run
 from tests.tiny import tiny_model
+
+
+def tiny_heal(base, donor, out, steps: int = 2, **kw) -> HealConfig:
+    """The heal recipe at the smallest scale that runs every step."""
+    return HealConfig(
+        base=str(base), tokenizer=str(donor), transplant=TransplantConfig(k=8),
+        data=DataConfig(corpus="wiki-en", max_length=32, batch_size=2, max_documents=16,
+                        val_documents=2),
+        optim=OptimConfig(lr=1e-3), train=TrainConfig(max_steps=steps, checkpoint_every=1,
+                                                      val_every=1, progress=False,
+                                                      precision="32-true"),
+        eval=EvalConfig(corpora=["wiki-en"], bytes=400, prompts=["Paris is"]), out=out, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -24,26 +37,24 @@ def tiny_pair(tmp_path_factory, gemma_tok, smol_tok):
 
 def test_heal_recipe_runs_end_to_end_and_continues(tiny_pair, tmp_path, smol_tok):
     base, donor = tiny_pair
-    cfg = HealConfig(base=str(base), tokenizer=str(donor), k=8, steps=2, batch_size=2,
-                     max_length=32, lr=1e-3, warmup=0, train_documents=16, val_documents=2,
-                     eval_corpora=["wiki-en"], eval_bytes=400, prompts=["Paris is"],
-                     out=tmp_path / "heal")
+    cfg = tiny_heal(base, donor, tmp_path / "heal")
     report = run(cfg)
     text = report.read_text()
-    assert "gap closed (healed-alm)" in text and "gap closed (healed-clm)" in text
+    assert "gap closed (alm+clm)" in text and "gap closed (clm)" in text
+    assert "Agreement with the teacher" in text
     assert (tmp_path / "heal" / "bpb.png").stat().st_size > 0
     assert (tmp_path / "heal" / "curves.png").stat().st_size > 0
     stages = tmp_path / "heal" / "stages"
     bpb = {n: json.loads((stages / f"bpb-wiki-en-{n}.json").read_text())
-           for n in ("original", "transplanted", "healed-alm", "healed-clm")}
+           for n in ("original", "transplanted", "alm+clm", "clm")}
     assert len({b["bytes"] for b in bpb.values()}) == 1  # every model charged for the same bytes
     moved = json.loads((tmp_path / "heal" / "transplant" / "config.json").read_text())
     assert moved["vocab_size"] == len(smol_tok)  # really moved onto the other tokenizer
     stamps = {p.name: p.stat().st_mtime_ns for p in stages.iterdir()}
     assert run(cfg) == report  # a second run redoes nothing and rewrites the report
     assert {p.name: p.stat().st_mtime_ns for p in stages.iterdir()} == stamps
-    with pytest.raises(CtdError, match="different recipe config .*steps"):
-        run(dataclasses.replace(cfg, steps=3))  # would pass off 2-step results as 3-step ones
+    with pytest.raises(CtdError, match="different config .*train.max_steps"):
+        run(tiny_heal(base, donor, tmp_path / "heal", steps=3))  # 2-step results as 3-step ones
     assert {p.name: p.stat().st_mtime_ns for p in stages.iterdir()} == stamps
 
 
@@ -52,13 +63,18 @@ def test_gap_closed():
 
 
 def test_math_recipe_runs_end_to_end_and_continues(tiny_pair, tmp_path):
-    from ctd.recipes.math_distill import MathConfig
+    from ctd.config import ModelsConfig
+    from ctd.recipes.math_distill import MathConfig, MathEval
     from ctd.recipes.math_distill import run as run_math
 
     teacher, student = tiny_pair  # different tokenizers (Gemma-3's, SmolLM2's)
-    cfg = MathConfig(teacher=str(teacher), student=str(student), steps=2, batch_size=2,
-                     max_length=64, lr=1e-3, warmup=0, train_problems=8, test_problems=2,
-                     max_new_tokens=4, out=tmp_path / "math")
+    cfg = MathConfig(models=ModelsConfig(teacher=str(teacher), student=str(student)),
+                     data=DataConfig(corpus="gsm-symbolic", max_length=160, batch_size=2,
+                                     max_documents=8, val_documents=2),
+                     optim=OptimConfig(lr=1e-3),
+                     train=TrainConfig(max_steps=2, checkpoint_every=1, val_every=1,
+                                       progress=False, precision="32-true"),
+                     eval=MathEval(test_problems=2, max_new_tokens=4), out=tmp_path / "math")
     report = run_math(cfg)
     text = report.read_text()
     for name in ("teacher", "student (before)", "student (alm+sft)", "student (sft)"):
@@ -73,20 +89,20 @@ def test_math_recipe_runs_end_to_end_and_continues(tiny_pair, tmp_path):
 
 
 def test_ensemble_recipe_moves_heals_and_ensembles(tiny_pair, tmp_path):
+    from ctd.losses.objective import LossSpec
     from ctd.recipes.ensemble import EnsembleConfig
     from ctd.recipes.ensemble import run as run_ensemble
+    from ctd.recipes.heal import Arm
 
     base, partner = tiny_pair
-    heal = HealConfig(base=str(base), tokenizer=str(partner), k=8, steps=2, batch_size=2,
-                      max_length=32, lr=1e-3, warmup=0, train_documents=16, val_documents=2,
-                      eval_corpora=["wiki-en"], eval_bytes=400, prompts=["Paris is"],
-                      compare_clm=False, out=tmp_path / "ens" / "heal")
+    heal = tiny_heal(base, partner, tmp_path / "ens" / "heal",
+                     arms={"alm+clm": Arm([LossSpec("alm"), LossSpec("clm")])})
     cfg = EnsembleConfig(partner=str(partner), heal=heal, eval_bytes=400, gsm_problems=1,
                          out=tmp_path / "ens")
     text = run_ensemble(cfg).read_text()
     rows = [line for line in text.splitlines() if line.startswith("| ") and "bpb" not in line]
     assert len(rows) == 3 and "ensemble (probs)" in rows[2]  # two members and the ensemble
-    moved = json.loads((tmp_path / "ens" / "heal" / "healed-alm" / "model" / "config.json")
+    moved = json.loads((tmp_path / "ens" / "heal" / "alm+clm" / "model" / "config.json")
                        .read_text())
     assert moved["vocab_size"] == json.loads((partner / "config.json").read_text())["vocab_size"]
     with pytest.raises(CtdError, match="partner"):  # healed onto another tokenizer: refused
@@ -107,17 +123,18 @@ def test_interrupted_recipe_continues_from_its_last_checkpoint(tiny_pair, tmp_pa
             if trainer.global_step == 1:
                 signal.raise_signal(signal.SIGINT)  # what Ctrl-C does
 
+    from ctd.losses.objective import LossSpec
+    from ctd.recipes.heal import Arm
+
     base, donor = tiny_pair
-    cfg = HealConfig(base=str(base), tokenizer=str(donor), k=8, steps=3, batch_size=2,
-                     max_length=32, lr=1e-3, warmup=0, train_documents=16, val_documents=2,
-                     eval_corpora=["wiki-en"], eval_bytes=400, prompts=["Paris is"],
-                     compare_clm=False, out=tmp_path / "heal")
+    cfg = tiny_heal(base, donor, tmp_path / "heal", steps=3,
+                    arms={"alm+clm": Arm([LossSpec("alm"), LossSpec("clm")])})
     distill = ctd.train.distill
     monkeypatch.setattr(ctd.train, "distill", lambda *a, **kw: distill(
         *a, **kw, callbacks=(InterruptAfterFirstStep(),)))
     with pytest.raises(KeyboardInterrupt, match="run the recipe again"):
         run(cfg)
-    arm = tmp_path / "heal" / "healed-alm"
+    arm = tmp_path / "heal" / "alm+clm"
     assert (arm / "checkpoints" / "last.ckpt").exists() and not (arm / "model").exists()
     transplanted = (tmp_path / "heal" / "transplant" / "model.safetensors").stat().st_mtime_ns
     resumed = []
@@ -125,6 +142,6 @@ def test_interrupted_recipe_continues_from_its_last_checkpoint(tiny_pair, tmp_pa
                         distill(*a, **kw))
     run(cfg)  # continues: the transplant is kept, training resumes from step 1 and finishes
     assert resumed == [True]
-    summary = json.loads((tmp_path / "heal" / "stages" / "healed-alm.json").read_text())
+    summary = json.loads((tmp_path / "heal" / "stages" / "arm-alm+clm.json").read_text())
     assert summary["steps"] == 3 and summary["export"]
     assert (tmp_path / "heal" / "transplant" / "model.safetensors").stat().st_mtime_ns == transplanted

@@ -35,6 +35,9 @@ EXACT = {"pool": 8, "refresh": 1}
 # dominated every prediction (82 bits per byte). 0.01 keeps every new row within the shared
 # rows' norms and raises the donor-space residual by 0.5% (0.1% on pair A).
 RIDGE = 0.01
+# TokenAdapt's published hybrid: weight of the local (pieces) part, and the global part's
+# neighbours and softmax temperature.
+TOKENADAPT = {"local": 0.7, "global_k": 3, "global_temperature": 0.3}
 
 
 @dataclass
@@ -242,7 +245,8 @@ def method_focus(inp: Inputs, ids: np.ndarray, vb: int) -> Approximation:
 
 
 def method_tokenadapt(inp: Inputs, ids: np.ndarray, vb: int) -> Approximation:
-    """0.7 * local (base pieces weighted by donor similarity and length) + 0.3 * global."""
+    """TOKENADAPT["local"] x local (base pieces weighted by donor similarity and length) + the
+    rest x global (the global_k most similar shared tokens, softmax(sim / global_temperature))."""
     shared, base_ids, has_row = _dictionary(inp, ids)
     n = len(ids)
     donor = torch.nn.functional.normalize(inp.donor.float(), dim=1)
@@ -262,13 +266,14 @@ def method_tokenadapt(inp: Inputs, ids: np.ndarray, vb: int) -> Approximation:
     local = _segment_normalise(owner, e, n)
     has_local = torch.zeros(n, dtype=torch.bool)
     has_local[owner] = True
-    # global: the 3 most similar shared tokens, softmax(sim / 0.3)
+    # global: the global_k most similar shared tokens
+    k = TOKENADAPT["global_k"]
     sims, idx = _top_similar(inp.donor[torch.as_tensor(ids[has_row.numpy()])],
-                             inp.donor[torch.as_tensor(shared)], 3)
-    g = torch.softmax(sims / 0.3, dim=1)
-    rows_g = has_row.nonzero().squeeze(1).repeat_interleave(3)
-    scale_local = torch.where(has_row, 0.7, 1.0)[owner]
-    scale_global = torch.where(has_local, 0.3, 1.0)[has_row].repeat_interleave(3)
+                             inp.donor[torch.as_tensor(shared)], k)
+    g = torch.softmax(sims / TOKENADAPT["global_temperature"], dim=1)
+    rows_g = has_row.nonzero().squeeze(1).repeat_interleave(k)
+    scale_local = torch.where(has_row, TOKENADAPT["local"], 1.0)[owner]
+    scale_global = torch.where(has_local, 1 - TOKENADAPT["local"], 1.0)[has_row].repeat_interleave(k)
     w = _sparse(torch.cat([owner, rows_g]), torch.cat([base, base_ids[idx].reshape(-1)]),
                 torch.cat([local * scale_local, g.reshape(-1) * scale_global]), n, vb)
     return Approximation(w, ~(has_local | has_row))
