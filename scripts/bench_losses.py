@@ -6,8 +6,9 @@ Aligner (Gemma-3 teacher, SmolLM2 student, max_length 512, wiki-en, this one pro
 single-threaded as in a DataLoader worker), in MB/s of text, stage by stage:
 - tokenize: HF tokenization of one side alone (the floor of everything below);
 - align: `ctd.align.align` of two given tokenizations (the aligner proper);
-- rows: tokenize both sides + byte check + align + truncate (`AlignedCollator.rows`), what the
-  one-time cached `datasets.map` of `ctd.data` does per process;
+- rows: tokenize both sides + byte check + align + windows (`Aligner.rows`) in this process;
+- cached_pass_N_proc: the one-time cached `datasets.map` of `ctd.data` (`aligned_rows`) with
+  N processes (`data.num_workers`), what `ctd distill` runs before training;
 - worker: what a DataLoader worker does per batch once rows are cached (read + `pad`).
 Losses: forward+backward at B=4, T=512, V=262,144 from random hidden states through random
 linear heads (the loss cost alone, no transformer), each in a fresh subprocess so that its peak
@@ -38,20 +39,22 @@ def rss_mib() -> float:
 
 
 def bench_aligner(megabytes: float) -> dict:
+    import tempfile
+
     import datasets
 
     from ctd.align import align
-    from ctd.collate import AlignedCollator
+    from ctd.collate import Aligner
     from ctd.corpora import load_texts
-    from ctd.data import StepCollator, _Rows, aligned_rows
+    from ctd.data import RowReader, StepCollator, aligned_rows
     from ctd.tokens import encode
     from ctd.zoo import load_tokenizer
 
     texts = load_texts("wiki-en", split="train", max_bytes=int(megabytes * 2**20))
     mb = sum(len(t.encode()) for t in texts) / 2**20
     teacher, student = load_tokenizer("gemma3-270m"), load_tokenizer("smollm2-135m")
-    collate = AlignedCollator(teacher, student, 512)
-    collate.rows([{"text": t} for t in texts[:8]])  # warm the byte vocabularies
+    aligner = Aligner(teacher, student, 512)
+    aligner.rows([{"text": t} for t in texts[:8]])  # warm the byte vocabularies
 
     def rate(fn) -> float:
         start = time.perf_counter()
@@ -64,14 +67,18 @@ def bench_aligner(megabytes: float) -> dict:
     for side, tok in (("teacher", teacher), ("student", student)):
         speed[f"tokenize_{side}"] = rate(lambda t=tok, s=side: encoded.__setitem__(s, encode(t, texts)))
     speed["align"] = rate(lambda: [align(a, b) for a, b in zip(encoded["teacher"], encoded["student"])])
-    collate.stats.clear()
-    speed["rows"] = rate(lambda: [collate.rows([{"text": t} for t in texts[i : i + 64]])
+    speed["rows"] = rate(lambda: [aligner.rows([{"text": t} for t in texts[i : i + 64]])
                                   for i in range(0, len(texts), 64)])
-    out["stats"] = dict(collate.stats)
-    ds = aligned_rows(datasets.Dataset.from_dict({"text": texts}), collate)
-    rows, pad = _Rows(ds), StepCollator(collate.teacher_start, collate.student_start)
-    speed["worker"] = rate(lambda: [pad(rows.__getitems__(list(range(i, min(i + 16, len(rows))))))
-                                    for i in range(0, len(rows), 16)])
+    ds = datasets.Dataset.from_dict({"text": texts})
+    for workers in (1, 2):  # the cached pass `ctd distill` runs (data.num_workers processes)
+        with tempfile.TemporaryDirectory() as cache:
+            os.environ["CTD_CACHE"] = cache
+            speed[f"cached_pass_{workers}_proc"] = rate(
+                lambda w=workers: aligned_rows(ds, aligner, w if w > 1 else None))
+    rows = aligned_rows(ds, aligner)
+    reader, pad = RowReader(rows), StepCollator(aligner.teacher_start, aligner.student_start)
+    speed["worker"] = rate(lambda: [pad(reader.__getitems__(list(range(i, min(i + 16, len(reader))))))
+                                    for i in range(0, len(reader), 16)])
     return out
 
 
@@ -79,7 +86,7 @@ def run_case(case: str, hidden: int) -> dict:
     """One loss case in this (fresh) process: seconds and peak RSS above the inputs."""
     import torch
 
-    from ctd.collate import AlignedCollator
+    from ctd.collate import Aligner
     from ctd.corpora import load_texts
     from ctd.losses import DistillObjective, LossSpec
     from ctd.zoo import load_tokenizer
@@ -88,7 +95,7 @@ def run_case(case: str, hidden: int) -> dict:
     tok = load_tokenizer("gemma3-270m")  # V = 262,144 on both sides
     text = "\n".join(load_texts("wiki-en", split="train", max_bytes=B * 16 * T))
     docs = [text[i * 8 * T : (i + 1) * 8 * T] for i in range(B)]  # each longer than T tokens
-    batch = AlignedCollator(tok, tok, max_length=T)([{"text": d} for d in docs])
+    batch = Aligner(tok, tok, max_length=T, windows=False).batch([{"text": d} for d in docs])
     t_head = torch.nn.Linear(hidden, V, bias=False).requires_grad_(False)
     s_head = torch.nn.Linear(hidden, V, bias=False)
     width = batch["student_input_ids"].shape[1]
@@ -131,7 +138,10 @@ def main() -> None:
         return
     import torch
 
-    report = {"aligner": bench_aligner(args.align_mb), "losses": {},
+    from ctd.numerics import machine
+
+    report = {"command": " ".join(sys.argv), "machine": machine(),
+              "aligner": bench_aligner(args.align_mb), "losses": {},
               "shape": {"B": B, "T": T, "V": V, "H": args.hidden},
               "torch_threads": torch.get_num_threads()}
     for case in args.cases:
