@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -34,9 +35,29 @@ def table(header: Sequence[str], rows: Iterable[Sequence[object]], title: str | 
     return t
 
 
+class _Progress(Progress):
+    """rich's bar; where stderr is a file (a log, CI) rich draws nothing until the end, so a
+    plain line per task every `every` seconds (and when it completes) shows the work moving."""
+
+    every = 30.0
+
+    def update(self, task_id, **kwargs) -> None:
+        super().update(task_id, **kwargs)
+        if self.console.is_terminal or self.disable:
+            return
+        task = self._tasks[task_id]
+        now = time.monotonic()
+        last = task.fields.get("_printed", task.start_time or now)
+        if now - last >= self.every or (task.total is not None and task.completed >= task.total):
+            task.fields["_printed"] = now
+            total = f"/{task.total:,.0f}" if task.total is not None else ""
+            print(f"{task.description}: {task.completed:,.0f}{total} {task.fields.get('info', '')}"
+                  f" ({task.elapsed or 0:.0f} s)", file=sys.stderr, flush=True)
+
+
 def progress(**kwargs) -> Progress:
-    """A progress bar on stderr (kept off when stderr is not a terminal and CI is set)."""
-    return Progress(
+    """A progress bar on stderr; plain periodic lines where stderr is not a terminal."""
+    return _Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),

@@ -25,7 +25,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     """TEST ONLY: Lightning's DeepSpeedStrategy refuses non-CUDA devices in
-    setup_environment; DeepSpeed's own CPU accelerator runs ZeRO fine (DEEPSPEED.md)."""
+    setup_environment; DeepSpeed's own CPU accelerator runs ZeRO fine (docs/distributed.md)."""
 
     def __init__(self, **kwargs):
         super().__init__(parallel_devices=[torch.device("cpu", 0)], **kwargs)
