@@ -15,6 +15,7 @@ import gc
 import json
 import os
 import signal
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -297,6 +298,11 @@ def _check_out(out: Path, config: dict, resume: bool) -> None:
         raise CtdError(f"output directory {out} is not empty; pass --resume to continue it "
                        "or choose another --out")
 
+
+# Lightning warnings that do not apply here: the training order resumes from the global step
+# (StepSampler.resume_at), and throughput is reported in items/s without a FLOP estimate.
+warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+warnings.filterwarnings("ignore", message=".*`flops_per_batch` attribute.*")
 
 def _cache(config: DistillConfig, tokenizer, load: Callable, splits: tuple[str, ...],
            rebuild: str) -> TeacherCache:
