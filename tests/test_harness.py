@@ -257,3 +257,22 @@ def test_packaged_model_bpb_in_the_harness(tasks, data, smol_tok):
     assert hf == pytest.approx(bpb(rolling_nll(model, smol_tok, texts, start=1), texts), rel=2e-4)
     assert hf != pytest.approx(bits_per_byte(model, smol_tok, texts, progress=False).bpb,
                                rel=2e-4)
+
+
+@pytest.mark.real
+def test_packaged_model_gsm_in_the_harness(tasks, data, gemma_tok):
+    """Gemma-3-270M answers the harness's gsm prompts word for word as ctd's gsm_accuracy does
+    (hf opens them with the <bos> Gemma's tokenizer adds, ctd's document start)."""
+    from ctd.zoo import load_model, resolve_model
+
+    out, files = data
+    path = resolve_model("gemma3-270m")
+    task = _task("ctd_gsm_symbolic", files["ctd_gsm_symbolic (test)"].parent)
+    result, samples = _run(tasks, "hf", f"pretrained={path},dtype=float32", task, limit=2,
+                           gen_kwargs="max_gen_toks=24")
+    rows = load_corpus("gsm-symbolic", "test").select(range(2)).to_list()
+    shots = load_corpus("gsm-symbolic", "train").select(range(1)).to_list()
+    ours = gsm_accuracy(load_model(path), gemma_tok, rows, shots, max_new_tokens=24,
+                        progress=False)
+    assert [s["resps"][0][0][-300:] for s in samples] == [e["generated"] for e in ours["examples"]]
+    assert result["exact_match,none"] == ours["accuracy"]
