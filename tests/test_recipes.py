@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -145,3 +146,24 @@ def test_interrupted_recipe_continues_from_its_last_checkpoint(tiny_pair, tmp_pa
     summary = json.loads((tmp_path / "heal" / "stages" / "arm-alm+clm.json").read_text())
     assert summary["steps"] == 3 and summary["export"]
     assert (tmp_path / "heal" / "transplant" / "model.safetensors").stat().st_mtime_ns == transplanted
+
+
+@pytest.mark.parametrize("verb,flag,path", [
+    ("distill", "--config", "configs/heal.yaml"),
+    ("distill", "--config", "configs/heal-smoke.yaml"),
+    ("distill", "--config", "configs/heal-deepspeed.yaml"),
+    ("heal", "--recipe", "configs/recipes/heal.yaml"),
+    ("math", "--recipe", "configs/recipes/math_distill.yaml"),
+    ("ensemble-recipe", "--recipe", "configs/recipes/ensemble.yaml"),
+])
+def test_shipped_configs_parse(verb, flag, path, capsys):
+    """Every config the repository ships parses into its verb's config (a renamed key or a
+    misspelt loss fails here, not after a user's transplant)."""
+    from ctd.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    with pytest.raises(SystemExit) as exit:
+        main([verb, flag, str(root / path), "--print_config"])
+    assert exit.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert printed.strip() and "error" not in printed.lower()
