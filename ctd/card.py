@@ -4,7 +4,7 @@ Every directory ctd writes says, in the hub's card format, what it is (base, tok
 settings, training data), how well it reads text (bits per byte and the command that measured
 it) and the exact ctd command that makes it again. The YAML front matter carries the hub's
 fields: base_model, library_name, license (inherited from the base where known), tags and
-pipeline_tag.
+pipeline_tag, plus `tokenizer`: the hub id of the tokenizer the model reads text with.
 """
 
 from __future__ import annotations
@@ -41,20 +41,22 @@ def read_front_matter(directory: Path) -> dict:
 
 
 def lineage(spec: str) -> dict[str, str]:
-    """base_model and license for a model named any way ctd accepts: a zoo name's original
-    hub id and license, a local directory's own card's fields, a hub id as itself."""
+    """base_model, license and tokenizer (the hub id of the tokenizer it reads text with) for a
+    model named any way ctd accepts: a zoo name's original hub id and license, a local
+    directory's own card's fields, a hub id as itself. A transplant's card names the base it
+    was made from and the tokenizer it was moved onto, so a model made from it says both."""
     from ctd.zoo import ZOO
 
     if spec in ZOO:
-        return {"base_model": ZOO[spec].hub_id, "license": LICENSES[spec]}
+        hub = ZOO[spec].hub_id
+        return {"base_model": hub, "license": LICENSES[spec], "tokenizer": hub}
     path = Path(spec).expanduser()
     if path.is_dir():
         meta = read_front_matter(path)
-        base = meta.get("base_model")
-        return ({"base_model": base} if isinstance(base, str) else {}) | (
-            {"license": meta["license"]} if "license" in meta else {})
+        return {k: meta[k] for k in ("base_model", "license", "tokenizer")
+                if isinstance(meta.get(k), str)}
     if path.suffix != ".gguf" and spec.count("/") == 1 and not path.exists():
-        return {"base_model": spec}
+        return {"base_model": spec, "tokenizer": spec}
     return {}
 
 
@@ -88,11 +90,12 @@ def write_card(directory: Path, *, kind: str, base: str, tokenizer: str, command
         raise CtdError("bpb must map each label to {'bpb': value, 'command': ...}")
     directory = Path(directory)
     origin = lineage(base)
+    tok = lineage(tokenizer)
+    new_tok = tok.get("tokenizer") or tok.get("base_model") or tokenizer
     meta = {"base_model": origin.get("base_model"), "library_name": "transformers",
             "license": origin.get("license"), "pipeline_tag": "text-generation",
-            "tags": ["ctd", kind, *tags]}
+            "tokenizer": new_tok, "tags": ["ctd", kind, *tags]}
     meta = {k: v for k, v in meta.items() if v is not None}
-    new_tok = lineage(tokenizer).get("base_model", tokenizer)
     body = [
         f"# {name or directory.name}", "",
         f"{base} {KINDS[kind]}, reading text with the tokenizer of {new_tok}. Made with ctd "

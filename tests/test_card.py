@@ -19,7 +19,8 @@ def test_card_front_matter_and_sections(tmp_path):
     meta = read_front_matter(tmp_path)
     assert meta == {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
                     "library_name": "transformers", "license": "apache-2.0",
-                    "pipeline_tag": "text-generation", "tags": ["ctd", "distill"]}
+                    "pipeline_tag": "text-generation",
+                    "tokenizer": "HuggingFaceTB/SmolLM2-135M-Instruct", "tags": ["ctd", "distill"]}
     text = path.read_text()
     assert "- train.max_steps: 40" in text and "- train.lr: 1e-05" in text
     assert "| wiki-en test | 0.9123 | `ctd eval --model DIR --split test` |" in text
@@ -36,6 +37,11 @@ def test_license_and_base_come_from_the_base(base, license_, tmp_path):
     write_card(tmp_path / "b", kind="distill", base=str(tmp_path / "a"), tokenizer="x",
                command="c", details={})
     assert read_front_matter(tmp_path / "b")["license"] == license_
+    # ... and names the tokenizer the transplant was moved onto, not its base's
+    write_card(tmp_path / "d", kind="heal", base=str(tmp_path / "a"),
+               tokenizer=str(tmp_path / "a"), command="c", details={})
+    assert read_front_matter(tmp_path / "d")["tokenizer"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "tokenizer of HuggingFaceTB/SmolLM2-135M-Instruct" in (tmp_path / "d/README.md").read_text()
     # an unknown local base: no license or base_model is claimed
     (tmp_path / "bare").mkdir()
     write_card(tmp_path / "c", kind="distill", base=str(tmp_path / "bare"), tokenizer="x",
