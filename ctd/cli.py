@@ -415,6 +415,9 @@ def main(argv: list[str] | None = None) -> None:
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Lightning's start-up notes (accelerators found, a logging-service tip) at INFO; ctd says
+    # what it runs on in its own progress lines
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
     hf_logging.disable_progress_bar()  # per-file "Loading weights" bars; ctd shows its own
     args = _normalised(sys.argv[1:] if argv is None else argv)
     try:

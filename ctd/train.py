@@ -303,6 +303,9 @@ def _check_out(out: Path, config: dict, resume: bool) -> None:
 # (StepSampler.resume_at), and throughput is reported in items/s without a FLOP estimate.
 warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 warnings.filterwarnings("ignore", message=".*`flops_per_batch` attribute.*")
+# Lightning 2.6's own use of a torch pytree API that torch now deprecates: nothing a user can act on.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+
 
 def _cache(config: DistillConfig, tokenizer, load: Callable, splits: tuple[str, ...],
            rebuild: str) -> TeacherCache:

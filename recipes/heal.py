@@ -257,6 +257,7 @@ def write_report(cfg: HealConfig, out: Path, transplant_report: dict, bpb: dict,
         text.append("")
     path = out / "report.md"
     path.write_text("\n".join(text))
-    console().print("\n".join(text[:16]))
+    console().print("\n".join(line for line in text if not line.startswith("![")),
+                    markup=False)
     console().print(f"\nreport: {path}\nplots: {out / 'bpb.png'}, {out / 'curves.png'}")
     return path
