@@ -360,8 +360,11 @@ def harness_data(out: Path = Path("configs/lm_eval/data"), max_bytes: int | None
     if out == DATA and not DATA.parent.is_dir():
         raise CtdError(f"no {DATA.parent}/ here: run from the ctd repository root (the tasks "
                        "read their data relative to it) or pass --out")
-    for task, path in write_data(out, max_bytes, text, sample_by).items():
+    written, skipped = write_data(out, max_bytes, text, sample_by)
+    for task, path in written.items():
         console().print(f"{task}: {path}")
+    for task, why in skipped.items():
+        console().print(f"[yellow]{task} skipped: {why}[/yellow]")
     if out != DATA:
         console().print(f"[yellow]the tasks in {DATA.parent} read {DATA}; point their "
                         "data_files at the new directory[/yellow]")

@@ -61,8 +61,10 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def write_data(out: Path = DATA, max_bytes: int | None = None, text: Path | None = None,
-               sample_by: SampleBy = "paragraph") -> dict[str, Path]:
-    """Write the data of the tasks in configs/lm_eval/ under `out`; returns task -> file.
+               sample_by: SampleBy = "paragraph") -> tuple[dict[str, Path], dict[str, str]]:
+    """Write the data of the tasks in configs/lm_eval/ under `out`; returns (task -> file,
+    task -> why it was not written). A task whose corpus is not installed is skipped with the
+    reason (its install command) so the others are still written; none written is an error.
 
     The texts are exactly those `ctd eval --corpus wiki-en --split test [--max-bytes N]` scores
     (and, for `text`, `ctd eval --corpus FILE --split all`), the gsm problems those of
@@ -71,19 +73,33 @@ def write_data(out: Path = DATA, max_bytes: int | None = None, text: Path | None
     from ctd.corpora import load_corpus, load_texts
 
     out = Path(out)
-    written = {
-        "ctd_wiki_en": _write_jsonl(out / "wiki-en-test.jsonl",
-                                    [{"text": t} for t in load_texts("wiki-en", "test", max_bytes)]),
-    }
     keep = ("question", "solution", "answer", "prompt")
-    for split in ("train", "test"):
-        rows = load_corpus("gsm-symbolic", split).select_columns(list(keep)).to_list()
-        written[f"ctd_gsm_symbolic ({split})"] = _write_jsonl(
-            out / f"gsm-symbolic-{split}.jsonl", rows)
+
+    def texts(spec: str, split: str, **kw) -> list[dict]:
+        return [{"text": t} for t in load_texts(spec, split, max_bytes, **kw)]
+
+    # task -> () -> {label in the listing: (file name, rows)}
+    tasks = {"ctd_wiki_en": lambda: {"ctd_wiki_en": ("wiki-en-test",
+                                                     texts("wiki-en", "test"))},
+             "ctd_gsm_symbolic": lambda: {
+                 f"ctd_gsm_symbolic ({split})": (f"gsm-symbolic-{split}", load_corpus(
+                     "gsm-symbolic", split).select_columns(list(keep)).to_list())
+                 for split in ("train", "test")}}
     if text is not None:
-        texts = load_texts(str(text), "all", max_bytes, sample_by=sample_by)
-        written["ctd_text"] = _write_jsonl(out / "text.jsonl", [{"text": t} for t in texts])
-    return written
+        tasks["ctd_text"] = lambda: {"ctd_text": ("text", texts(str(text), "all",
+                                                                sample_by=sample_by))}
+    written, skipped = {}, {}
+    for task, files_of in tasks.items():
+        try:
+            files = files_of()
+        except CtdError as e:
+            skipped[task] = str(e)
+            continue
+        for label, (name, rows) in files.items():
+            written[label] = _write_jsonl(out / f"{name}.jsonl", rows)
+    if not written:
+        raise CtdError("no task data written: " + "; ".join(skipped.values()))
+    return written, skipped
 
 
 def gsm_results(doc: dict, results: list[str]) -> dict[str, float]:

@@ -30,7 +30,8 @@ def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("harness-data")
     txt = out / "notes.txt"
     txt.write_text("First paragraph of my notes.\n\nA second one, longer: " + "words " * 300)
-    files = write_data(out / "data", max_bytes=2500, text=txt)
+    files, skipped = write_data(out / "data", max_bytes=2500, text=txt)
+    assert not skipped
     (out / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in MC))
     return out, files
 
@@ -276,3 +277,24 @@ def test_packaged_model_gsm_in_the_harness(tasks, data, gemma_tok):
                         progress=False)
     assert [s["resps"][0][0][-300:] for s in samples] == [e["generated"] for e in ours["examples"]]
     assert result["exact_match,none"] == ours["accuracy"]
+
+
+def test_harness_data_writes_the_tasks_whose_corpus_is_installed(tmp_path, monkeypatch):
+    """A missing corpus skips its task with the install command; the others are written."""
+    import ctd.corpora
+
+    real = ctd.corpora.load_corpus
+
+    def without_gsm(spec, *args, **kwargs):
+        if spec == "gsm-symbolic":
+            raise CtdError("corpus 'gsm-symbolic' is not installed; run: pip install reasoning-gym")
+        return real(spec, *args, **kwargs)
+
+    monkeypatch.setattr(ctd.corpora, "load_corpus", without_gsm)
+    files, skipped = write_data(tmp_path, max_bytes=500)
+    assert list(files) == ["ctd_wiki_en"] and files["ctd_wiki_en"].is_file()
+    assert list(skipped) == ["ctd_gsm_symbolic"] and "pip install reasoning-gym" in skipped[
+        "ctd_gsm_symbolic"]
+    monkeypatch.setattr(ctd.corpora, "load_corpus", lambda *a, **k: without_gsm("gsm-symbolic"))
+    with pytest.raises(CtdError, match="no task data written"):
+        write_data(tmp_path / "none", max_bytes=500)
