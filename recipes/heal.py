@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -257,7 +258,7 @@ def write_report(cfg: HealConfig, out: Path, transplant_report: dict, bpb: dict,
         text.append("")
     path = out / "report.md"
     path.write_text("\n".join(text))
-    console().print("\n".join(line for line in text if not line.startswith("![")),
-                    markup=False)
+    shown = "\n".join(line for line in text if not line.startswith("!["))  # the plots: files
+    console().print(re.sub(r"\n{3,}", "\n\n", shown), markup=False)
     console().print(f"\nreport: {path}\nplots: {out / 'bpb.png'}, {out / 'curves.png'}")
     return path
