@@ -121,9 +121,11 @@ def plot_curves(runs: dict[str, Path], metrics: list[str], path: Path) -> Path:
                         for m in metrics}, "step", path)
 
 
-def plot_bars(values: dict[str, dict[str, float]], ylabel: str, path: Path) -> Path:
+def plot_bars(values: dict[str, dict[str, float]], ylabel: str, path: Path,
+              fmt: str = "%.3f") -> Path:
     """Grouped bars: values[group][series], e.g. bpb per corpus per model; the y axis spans the
-    values (a bar chart from 0 would hide differences of a few percent)."""
+    values (a bar chart from 0 would hide differences of a few percent), with a line at 0 when
+    they have both signs. `fmt`: the bars' labels."""
     import math
 
     plt = _pyplot()
@@ -135,12 +137,14 @@ def plot_bars(values: dict[str, dict[str, float]], ylabel: str, path: Path) -> P
         xs = [g + i * width for g in range(len(groups))]
         ys = [values[g].get(s, float("nan")) for g in groups]
         bars = ax.bar(xs, ys, width, label=s)
-        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+        ax.bar_label(bars, fmt=fmt, fontsize=7)
     finite = [v for g in values.values() for v in g.values() if math.isfinite(v)]
     if finite:
         lo, hi = min(finite), max(finite)
         pad = (hi - lo) * 0.15 or abs(hi) * 0.05 or 1.0
         ax.set_ylim(lo - pad, hi + pad)
+        if lo < 0 < hi:
+            ax.axhline(0, color="black", linewidth=0.6)
     ax.set_xticks([g + width * (len(series) - 1) / 2 for g in range(len(groups))], groups)
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)

@@ -210,11 +210,15 @@ def validation(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 def write_report(cfg: HealConfig, out: Path, transplant_report: dict, bpb: dict,
                  continuations: dict) -> Path:
-    """report.md with the numbers, plus bpb.png and curves.png."""
+    """report.md with the numbers, plus bpb.png, gap_closed.png and curves.png."""
 
     arms = list(cfg.arms)
     if bpb:
         plot_bars(bpb, "bits per byte (lower is better)", out / "bpb.png")
+        # per corpus on one scale: how much of the transplant's loss each arm won back
+        plot_bars({c: {a: 100 * gap_closed(v, a) for a in arms} for c, v in bpb.items()},
+                  "% of the transplant's bpb gap closed\n(higher is better; < 0: worse)",
+                  out / "gap_closed.png", fmt="%.0f%%")
     plot_curves({a: out / a for a in arms},
                 ["train/clm", "train/alm", "val/bpb", "val/agreement"], out / "curves.png")
     names = list(next(iter(bpb.values()))) if bpb else []
@@ -247,6 +251,8 @@ def write_report(cfg: HealConfig, out: Path, transplant_report: dict, bpb: dict,
         "",
         "![bpb](bpb.png)",
         "",
+        "![gap closed](gap_closed.png)",
+        "",
         "![training curves](curves.png)",
         "",
         "## Greedy continuations",
@@ -260,5 +266,6 @@ def write_report(cfg: HealConfig, out: Path, transplant_report: dict, bpb: dict,
     path.write_text("\n".join(text))
     shown = "\n".join(line for line in text if not line.startswith("!["))  # the plots: files
     console().print(re.sub(r"\n{3,}", "\n\n", shown), markup=False)
-    console().print(f"\nreport: {path}\nplots: {out / 'bpb.png'}, {out / 'curves.png'}")
+    console().print(f"\nreport: {path}\nplots: " + ", ".join(
+        str(out / f) for f in ("bpb.png", "gap_closed.png", "curves.png")))
     return path

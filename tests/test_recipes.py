@@ -45,6 +45,7 @@ def test_heal_recipe_runs_end_to_end_and_continues(tiny_pair, tmp_path, smol_tok
     assert "Agreement with the teacher" in text
     assert (tmp_path / "heal" / "bpb.png").stat().st_size > 0
     assert (tmp_path / "heal" / "curves.png").stat().st_size > 0
+    assert (tmp_path / "heal" / "gap_closed.png").stat().st_size > 0
     stages = tmp_path / "heal" / "stages"
     bpb = {n: json.loads((stages / f"bpb-wiki-en-{n}.json").read_text())
            for n in ("original", "transplanted", "alm+clm", "clm")}
