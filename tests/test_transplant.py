@@ -153,6 +153,8 @@ def test_bad_inputs_one_line_exit_2_nothing_written(dirs, capsys, tmp_path, gemm
         (["--out", str(tmp_path / "n"), "--method", "fvt", "--k", "3"], "takes no --k"),
         (["--out", str(tmp_path / "o"), "--method", "knn", "--fast"], "no fast mode"),
         (["--out", str(tmp_path / "p"), "--method", "nope"], "expected one of omp, fvt"),
+        (["--out", str(tmp_path / "q"), "--tokenizer", str(tmp_path / "missing")],
+         "unknown tokenizer"),
     ]
     for extra, needle in cases:
         args = ["transplant", "--base", base, "--tokenizer", donor, *extra]

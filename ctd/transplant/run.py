@@ -213,6 +213,8 @@ def transplant(
     out = check_output(out, overwrite)
     spec = registered(method)
     donor = donor or (default_donor(tokenizer) if spec.donor else None)
+    if spec.donor and donor is None:
+        load_tokenizer(tokenizer)  # a tokenizer that does not exist is the error, not the donor
     spec.validate(donor, k, fast, resources or {})
     new_tok = load_tokenizer(tokenizer)
     base_tok = load_tokenizer(base)
