@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from ctd.errors import CtdError
 from ctd.losses.objective import Balance, LossSpec
 
 Split = Literal["train", "validation", "test", "all"]
@@ -22,6 +23,15 @@ Trainable = Literal["all", "embeddings", "lora"]
 DType = Literal["auto", "float32", "bfloat16"]
 
 _FREE = {"free": True}  # metadata of fields that do not change what a run computes
+
+
+def _at_least(config: object, section: str, minimum: float, *names: str) -> None:
+    """Refuse a setting below its minimum here, by its flag's name, rather than as a division
+    by zero inside the trainer."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value < minimum:
+            raise CtdError(f"{section}.{name} must be at least {minimum:g} (got {value})")
 
 
 @dataclass
@@ -66,6 +76,10 @@ class DataConfig:
     num_workers: int = field(default=0, metadata=_FREE)
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        _at_least(self, "data", 1, "max_length", "batch_size", "val_batch_size", "max_documents")
+        _at_least(self, "data", 0, "val_documents", "num_workers")
+
 
 @dataclass
 class OptimConfig:
@@ -78,6 +92,10 @@ class OptimConfig:
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        _at_least(self, "optim", 0, "lr", "warmup_steps", "min_lr_ratio", "weight_decay",
+                  "grad_clip")
 
 
 @dataclass
@@ -95,6 +113,9 @@ class ModelsConfig:
     trainable: Trainable = "all"
     lora_rank: int = 64
     lora_alpha: float = 64.0
+
+    def __post_init__(self) -> None:
+        _at_least(self, "models", 1, "lora_rank")
 
 
 @dataclass
@@ -116,6 +137,11 @@ class TrainConfig:
     log_every: int = field(default=1, metadata=_FREE)
     threads: int | None = field(default=None, metadata=_FREE)
     progress: bool = field(default=True, metadata=_FREE)
+
+    def __post_init__(self) -> None:
+        _at_least(self, "train", 1, "max_steps", "accumulate", "devices", "num_nodes",
+                  "log_every", "threads")
+        _at_least(self, "train", 0, "checkpoint_every", "val_every")
 
 
 @dataclass

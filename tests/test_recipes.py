@@ -168,3 +168,22 @@ def test_shipped_configs_parse(verb, flag, path, capsys):
     assert exit.value.code in (0, None)
     printed = capsys.readouterr().out
     assert printed.strip() and "error" not in printed.lower()
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--data.batch_size", "0", "data.batch_size must be at least 1 (got 0)"),
+    ("--data.max_length", "-5", "data.max_length must be at least 1 (got -5)"),
+    ("--train.max_steps", "0", "train.max_steps must be at least 1 (got 0)"),
+    ("--train.accumulate", "0", "train.accumulate must be at least 1 (got 0)"),
+    ("--optim.lr", "-1", "optim.lr must be at least 0 (got -1.0)"),
+])
+def test_settings_out_of_range_are_one_line_errors(flag, value, message, capsys):
+    """A zero batch or step count is refused by name when the config is read, not as a
+    division by zero inside the trainer."""
+    from ctd.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    with pytest.raises(SystemExit) as exit:
+        main(["distill", "--config", str(root / "configs/heal-smoke.yaml"), flag, value])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.strip() == f"ctd: error: {message}"
