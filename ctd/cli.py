@@ -88,9 +88,11 @@ def evaluate(
     from ctd.io import write_json
     from ctd.numerics import resolve_dtype
     from ctd.report import console, table
-    from ctd.zoo import load_model, load_tokenizer
+    from ctd.zoo import load_model, load_tokenizer, resolve_model
 
     texts = load_texts(corpus, split, max_bytes, text_field, sample_by)
+    if tokenizer is None:
+        resolve_model(model)  # a model that does not exist is named as a model
     tok = load_tokenizer(tokenizer or model)
     lm = load_model(model, dtype=resolve_dtype(dtype))
     result = bits_per_byte(lm, tok, texts, window=window, batch_size=batch_size).as_dict()

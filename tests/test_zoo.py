@@ -191,7 +191,7 @@ def test_cli_errors_are_one_line_with_exit_status_2(capsys, empty_cache):
         main(["eval", "--model", "no-such-model"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("ctd: error: unknown") and "\n" not in err
+    assert err.startswith("ctd: error: unknown model 'no-such-model'") and "\n" not in err
 
 
 def test_cli_accepts_dashed_flags(capsys):
