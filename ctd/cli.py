@@ -155,13 +155,17 @@ def teacher_cache(
     optim: OptimConfig,
     train: TrainConfig,
     balance: Balance = "grad_norm",
+    out: Path | None = None,
 ) -> None:
     """Build the teacher cache of a distill config (e.g. on a GPU machine) without training.
 
     `ctd teacher-cache --config run.yaml [--data.teacher_cache DIR]`; a later `ctd distill`
     with the same models and data (and the same `data.teacher_cache`) trains from it without
-    loading the teacher. Options that only training reads (losses, optim, ...) are accepted
-    and ignored, so a distill config or a run's config.json serves as is.
+    loading the teacher. Options that only training reads (losses, optim, out, ...) are
+    accepted and ignored, so a distill config or a run's config.json serves as is.
+
+    Args:
+        out: a distill config's run directory: ignored (the cache goes to data.teacher_cache).
     """
     from ctd.report import console
     from ctd.train import build_teacher_cache

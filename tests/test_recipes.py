@@ -153,6 +153,7 @@ def test_interrupted_recipe_continues_from_its_last_checkpoint(tiny_pair, tmp_pa
     ("distill", "--config", "configs/heal.yaml"),
     ("distill", "--config", "configs/heal-smoke.yaml"),
     ("distill", "--config", "configs/heal-deepspeed.yaml"),
+    ("teacher-cache", "--config", "configs/heal-smoke.yaml"),
     ("heal", "--recipe", "configs/recipes/heal.yaml"),
     ("math", "--recipe", "configs/recipes/math_distill.yaml"),
     ("ensemble-recipe", "--recipe", "configs/recipes/ensemble.yaml"),
