@@ -88,12 +88,10 @@ def evaluate(
     from ctd.io import write_json
     from ctd.numerics import resolve_dtype
     from ctd.report import console, table
-    from ctd.zoo import load_model, load_tokenizer, resolve_model
+    from ctd.zoo import load_model, model_tokenizer
 
     texts = load_texts(corpus, split, max_bytes, text_field, sample_by)
-    if tokenizer is None:
-        resolve_model(model)  # a model that does not exist is named as a model
-    tok = load_tokenizer(tokenizer or model)
+    tok = model_tokenizer(model, tokenizer)
     lm = load_model(model, dtype=resolve_dtype(dtype))
     result = bits_per_byte(lm, tok, texts, window=window, batch_size=batch_size).as_dict()
     result.update(model=model, tokenizer=tokenizer or model, corpus=corpus, split=split,

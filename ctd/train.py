@@ -41,7 +41,7 @@ from ctd.losses.objective import DistillObjective
 from ctd.numerics import fast_dtype, resolve_dtype
 from ctd.strategies import loss_scale, make_strategy, optimizer_class, zero_stage
 from ctd.teacher_cache import TeacherCache
-from ctd.zoo import load_model, load_tokenizer
+from ctd.zoo import load_model, model_tokenizer
 
 
 def _trainable(student, trainable: Trainable, lora_rank: int, lora_alpha: float):
@@ -326,8 +326,8 @@ def build_teacher_cache(config: DistillConfig) -> dict[str, Path]:
                        "decides the windows)")
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
-    t_tok = load_tokenizer(m.teacher_tokenizer or m.teacher)
-    s_tok = load_tokenizer(m.student_tokenizer or m.student)
+    t_tok = model_tokenizer(m.teacher, m.teacher_tokenizer)
+    s_tok = model_tokenizer(m.student, m.student_tokenizer)
     rows = DistillData(t_tok, s_tok, config.data).rows()
     cache = _cache(config, t_tok, lambda: load_model(m.teacher, dtype=resolve_dtype(
         m.teacher_dtype)), ("train", "validation"), "ctd teacher-cache --config CONFIG")
@@ -353,8 +353,8 @@ def distill(config: DistillConfig, out: Path, resume: bool = False,
             _check_out(out, saved, resume)
         if train.threads:
             torch.set_num_threads(train.threads)
-        t_tok = load_tokenizer(models.teacher_tokenizer or models.teacher)
-        s_tok = load_tokenizer(models.student_tokenizer or models.student)
+        t_tok = model_tokenizer(models.teacher, models.teacher_tokenizer)
+        s_tok = model_tokenizer(models.student, models.student_tokenizer)
         objective = DistillObjective(config.losses, t_tok, s_tok, config.balance)
         dtype = resolve_dtype(models.teacher_dtype)
 

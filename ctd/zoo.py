@@ -468,6 +468,14 @@ def load_tokenizer(spec: str | os.PathLike):
         raise CtdError(f"cannot load tokenizer '{spec}': {str(e).splitlines()[0][:200]}") from e
 
 
+def model_tokenizer(model: str | os.PathLike, tokenizer: str | os.PathLike | None = None):
+    """The tokenizer a model reads with: `tokenizer` if given, else the model's own (a model
+    that does not exist is then reported as an unknown model, not an unknown tokenizer)."""
+    if tokenizer is None:
+        resolve_model(model)
+    return load_tokenizer(tokenizer or model)
+
+
 def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32):
     """Load a causal LM (safetensors only, never remote code) from any name ctd accepts."""
     from transformers import AutoModelForCausalLM

@@ -209,3 +209,13 @@ def test_cli_bare_boolean_flags_mean_true():
     assert _normalised(["transplant", "--fast", "false", "--max-bytes", "3"]) == [
         "transplant", "--fast", "false", "--max_bytes", "3"]
     assert _normalised(["eval", "--model", "m"]) == ["eval", "--model", "m"]  # no bools given
+
+
+def test_a_missing_model_is_named_as_a_model_even_where_its_tokenizer_is_read_first(empty_cache):
+    from ctd.errors import CtdError
+    from ctd.zoo import model_tokenizer
+
+    with pytest.raises(CtdError, match="unknown model 'no-such-model'"):
+        model_tokenizer("no-such-model")
+    with pytest.raises(CtdError, match="unknown tokenizer 'no-such-tok'"):
+        model_tokenizer("smollm2-135m", "no-such-tok")
