@@ -149,6 +149,19 @@ def test_interrupted_recipe_continues_from_its_last_checkpoint(tiny_pair, tmp_pa
     assert (tmp_path / "heal" / "transplant" / "model.safetensors").stat().st_mtime_ns == transplanted
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _until_exit(capsys, *args: str) -> tuple[int | None, str, str]:
+    """Run the CLI until it exits: (status, stdout, stderr)."""
+    from ctd.cli import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(list(args))
+    captured = capsys.readouterr()
+    return exit.value.code, captured.out, captured.err
+
+
 @pytest.mark.parametrize("verb,flag,path", [
     ("distill", "--config", "configs/heal.yaml"),
     ("distill", "--config", "configs/heal-smoke.yaml"),
@@ -161,13 +174,8 @@ def test_interrupted_recipe_continues_from_its_last_checkpoint(tiny_pair, tmp_pa
 def test_shipped_configs_parse(verb, flag, path, capsys):
     """Every config the repository ships parses into its verb's config (a renamed key or a
     misspelt loss fails here, not after a user's transplant)."""
-    from ctd.cli import main
-
-    root = Path(__file__).resolve().parents[1]
-    with pytest.raises(SystemExit) as exit:
-        main([verb, flag, str(root / path), "--print_config"])
-    assert exit.value.code in (0, None)
-    printed = capsys.readouterr().out
+    code, printed, _ = _until_exit(capsys, verb, flag, str(ROOT / path), "--print_config")
+    assert code in (0, None)
     assert printed.strip() and "error" not in printed.lower()
 
 
@@ -181,10 +189,6 @@ def test_shipped_configs_parse(verb, flag, path, capsys):
 def test_settings_out_of_range_are_one_line_errors(flag, value, message, capsys):
     """A zero batch or step count is refused by name when the config is read, not as a
     division by zero inside the trainer."""
-    from ctd.cli import main
-
-    root = Path(__file__).resolve().parents[1]
-    with pytest.raises(SystemExit) as exit:
-        main(["distill", "--config", str(root / "configs/heal-smoke.yaml"), flag, value])
-    assert exit.value.code == 2
-    assert capsys.readouterr().err.strip() == f"ctd: error: {message}"
+    code, _, err = _until_exit(capsys, "distill", "--config",
+                               str(ROOT / "configs/heal-smoke.yaml"), flag, value)
+    assert code == 2 and err.strip() == f"ctd: error: {message}"
