@@ -73,30 +73,29 @@ def write_data(out: Path = DATA, max_bytes: int | None = None, text: Path | None
     from ctd.corpora import load_corpus, load_texts
 
     out = Path(out)
-    keep = ("question", "solution", "answer", "prompt")
+    keep = ["question", "solution", "answer", "prompt"]
 
     def texts(spec: str, split: str, **kw) -> list[dict]:
         return [{"text": t} for t in load_texts(spec, split, max_bytes, **kw)]
 
-    # task -> () -> {label in the listing: (file name, rows)}
-    tasks = {"ctd_wiki_en": lambda: {"ctd_wiki_en": ("wiki-en-test",
-                                                     texts("wiki-en", "test"))},
-             "ctd_gsm_symbolic": lambda: {
-                 f"ctd_gsm_symbolic ({split})": (f"gsm-symbolic-{split}", load_corpus(
-                     "gsm-symbolic", split).select_columns(list(keep)).to_list())
-                 for split in ("train", "test")}}
+    def gsm(split: str) -> list[dict]:
+        return load_corpus("gsm-symbolic", split).select_columns(keep).to_list()
+
+    # (task, label in the listing, file name, its rows)
+    files = [("ctd_wiki_en", "ctd_wiki_en", "wiki-en-test", lambda: texts("wiki-en", "test")),
+             *(("ctd_gsm_symbolic", f"ctd_gsm_symbolic ({split})", f"gsm-symbolic-{split}",
+                lambda split=split: gsm(split)) for split in ("train", "test"))]
     if text is not None:
-        tasks["ctd_text"] = lambda: {"ctd_text": ("text", texts(str(text), "all",
-                                                                sample_by=sample_by))}
+        files.append(("ctd_text", "ctd_text", "text",
+                      lambda: texts(str(text), "all", sample_by=sample_by)))
     written, skipped = {}, {}
-    for task, files_of in tasks.items():
+    for task, label, name, rows in files:
+        if task in skipped:
+            continue
         try:
-            files = files_of()
+            written[label] = _write_jsonl(out / f"{name}.jsonl", rows())
         except CtdError as e:
             skipped[task] = str(e)
-            continue
-        for label, (name, rows) in files.items():
-            written[label] = _write_jsonl(out / f"{name}.jsonl", rows)
     if not written:
         raise CtdError("no task data written: " + "; ".join(skipped.values()))
     return written, skipped

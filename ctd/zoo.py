@@ -387,10 +387,12 @@ def resolve_model(spec: str | os.PathLike) -> str:
     raise _unknown(spec, "model")
 
 
-def resolve_tokenizer(spec: str | os.PathLike) -> str:
+def resolve_tokenizer(spec: str | os.PathLike, role: str = "tokenizer") -> str:
     """Return a directory (or hub id) that `AutoTokenizer.from_pretrained` loads.
 
     Zoo names convert only the tokenizer (seconds), unless the full model is already cached.
+    `role` names `spec` in the error for a name that is nothing ctd knows ("model" where a
+    model's own tokenizer is read).
     """
     spec = str(spec)
     if spec in ZOO:
@@ -415,7 +417,7 @@ def resolve_tokenizer(spec: str | os.PathLike) -> str:
         return str(path)
     if _looks_like_hub_id(spec):
         return spec
-    raise _unknown(spec, "tokenizer")
+    raise _unknown(spec, role)
 
 
 def _require_file(path: Path) -> Path:
@@ -456,11 +458,11 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def load_tokenizer(spec: str | os.PathLike):
-    """Load a tokenizer from any name ctd accepts."""
+def load_tokenizer(spec: str | os.PathLike, role: str = "tokenizer"):
+    """Load a tokenizer from any name ctd accepts (`role`: see `resolve_tokenizer`)."""
     from transformers import AutoTokenizer
 
-    where = resolve_tokenizer(spec)
+    where = resolve_tokenizer(spec, role)
     try:
         with _gc_paused():
             return AutoTokenizer.from_pretrained(where)
@@ -471,9 +473,7 @@ def load_tokenizer(spec: str | os.PathLike):
 def model_tokenizer(model: str | os.PathLike, tokenizer: str | os.PathLike | None = None):
     """The tokenizer a model reads with: `tokenizer` if given, else the model's own (a model
     that does not exist is then reported as an unknown model, not an unknown tokenizer)."""
-    if tokenizer is None:
-        resolve_model(model)
-    return load_tokenizer(tokenizer or model)
+    return load_tokenizer(tokenizer) if tokenizer is not None else load_tokenizer(model, "model")
 
 
 def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32):

@@ -214,7 +214,7 @@ def transplant(
     spec = registered(method)
     donor = donor or (default_donor(tokenizer) if spec.donor else None)
     if spec.donor and donor is None:
-        load_tokenizer(tokenizer)  # a tokenizer that does not exist is the error, not the donor
+        resolve_tokenizer(tokenizer)  # a tokenizer that does not exist is the error, not the donor
     spec.validate(donor, k, fast, resources or {})
     new_tok = load_tokenizer(tokenizer)
     base_tok = load_tokenizer(base)
