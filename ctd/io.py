@@ -64,6 +64,7 @@ def atomic_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
         raise CtdError(f"cannot write under {parent}: {e.strerror}; choose a writable --out") from e
     try:
         yield tmp
+        _umask_modes(tmp)
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             final.rename(old)
@@ -80,6 +81,16 @@ def atomic_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask_modes(root: Path) -> None:
+    """Give every file under `root` the mode the umask gives a new file: safetensors writes
+    its files 0600, which would hide the weights from everyone else who can read the folder."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = Path(dirpath, name)
+            if not path.is_symlink():
+                path.chmod(0o666 & ~_umask() | path.stat().st_mode & 0o111 & ~_umask())
 
 
 def write_json(path: Path, obj: object) -> None:

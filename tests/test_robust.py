@@ -17,6 +17,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors.torch import save_file
 
 from ctd.collate import Aligner
 from ctd.corpora import load_corpus
@@ -162,9 +163,13 @@ def test_outputs_get_the_umask_modes(tmp_path):
     try:
         with atomic_dir(tmp_path / "out") as d:
             (d / "f").write_text("x")
+            save_file({"w": torch.zeros(2)}, d / "model.safetensors")  # written 0600 by safetensors
     finally:
         os.umask(old)
-    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
+    out = tmp_path / "out"
+    assert out.stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {
+        "f": 0o644, "model.safetensors": 0o644}
 
 
 # Documents SmolLM2's byte-level vocabulary cannot reproduce (it has no token for these bytes)
