@@ -32,7 +32,6 @@ from ctd.config import (
     free_keys,
 )
 from ctd.corpora import load_texts
-from ctd.evaluate import bits_per_byte, greedy_generate
 from ctd.io import Stages
 from ctd.losses.objective import Balance, LossSpec
 from ctd.report import console, markdown_table, plot_bars, plot_curves
@@ -138,10 +137,16 @@ def heal_arm(cfg: HealConfig, student: Path, arm: Arm, out: Path) -> dict:
 
 
 def _bpb(model, tokenizer, texts: list[str]) -> dict:
+    # imported here: every verb's parser reads this module's configs, and ctd.evaluate brings
+    # torchmetrics (1.6 s of start-up)
+    from ctd.evaluate import bits_per_byte
+
     return bits_per_byte(load_model(model), load_tokenizer(tokenizer), texts).as_dict()
 
 
 def _continue(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    from ctd.evaluate import greedy_generate
+
     return greedy_generate(load_model(model), load_tokenizer(tokenizer), prompts,
                            max_new_tokens=max_new_tokens, progress=False)
 

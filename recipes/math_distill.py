@@ -20,7 +20,6 @@ import torch
 
 from ctd.config import DataConfig, DistillConfig, ModelsConfig, OptimConfig, TrainConfig, free_keys
 from ctd.corpora import load_corpus
-from ctd.evaluate import gsm_accuracy
 from ctd.io import Stages
 from ctd.losses.objective import Balance, LossSpec
 from ctd.report import console, markdown_table, plot_bars, plot_curves
@@ -71,6 +70,8 @@ def _train(cfg: MathConfig, losses: list[LossSpec], out: Path) -> dict:
 
 
 def _accuracy(model: str, test: list[dict], shots: list[dict], max_new_tokens: int) -> dict:
+    from ctd.evaluate import gsm_accuracy  # not at the top: see recipes/heal.py's _bpb
+
     return gsm_accuracy(load_model(model), load_tokenizer(model), test, shots, max_new_tokens)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -192,3 +194,12 @@ def test_settings_out_of_range_are_one_line_errors(flag, value, message, capsys)
     code, _, err = _until_exit(capsys, "distill", "--config",
                                str(ROOT / "configs/heal-smoke.yaml"), flag, value)
     assert code == 2 and err.strip() == f"ctd: error: {message}"
+
+
+def test_cli_start_up_imports_no_training_stack():
+    """Every verb builds its parser from all verbs' configs, recipes included: that must not
+    import torchmetrics or Lightning (1.6 s and more before `ctd transplant` or `--help` starts)."""
+    code = ("import sys, ctd.cli; print(sorted(m for m in ('torchmetrics', 'lightning', "
+            "'pytorch_lightning', 'datasets') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
