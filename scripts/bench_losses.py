@@ -8,7 +8,9 @@ single-threaded as in a DataLoader worker), in MB/s of text, stage by stage:
 - align: `ctd.align.align` of two given tokenizations (the aligner proper);
 - rows: tokenize both sides + byte check + align + windows (`Aligner.rows`) in this process;
 - cached_pass_N_proc: the one-time cached `datasets.map` of `ctd.data` (`aligned_rows`) with
-  N processes (`data.num_workers`), what `ctd distill` runs before training;
+  N processes (`data.num_workers`) and single-threaded tokenizers;
+- cached_pass_default: the same pass as `ctd distill` runs it by default (`data.num_workers`
+  0: one process, the Rust tokenizers on every core), in a fresh process;
 - worker: what a DataLoader worker does per batch once rows are cached (read + `pad`).
 Losses: forward+backward at B=4, T=512, V=262,144 from random hidden states through random
 linear heads (the loss cost alone, no transformer), each in a fresh subprocess so that its peak
@@ -26,8 +28,9 @@ import subprocess
 import sys
 import time
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RAYON_NUM_THREADS", "1")
+if "--pass-mb" not in sys.argv:  # single-threaded tokenizers, as in a DataLoader worker
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")
 
 B, T, V = 4, 512, 262_144
 CASES = ["ce_plain", "teacher_forward", "clm", "alm", "alm+clm", "alm_hidden", "uld",
@@ -75,11 +78,40 @@ def bench_aligner(megabytes: float) -> dict:
             os.environ["CTD_CACHE"] = cache
             speed[f"cached_pass_{workers}_proc"] = rate(
                 lambda w=workers: aligned_rows(ds, aligner, w if w > 1 else None))
+    # tokenizer threads are fixed when a process first tokenizes: the default pass gets its own
+    env = {k: v for k, v in os.environ.items() if k not in ("RAYON_NUM_THREADS", "CTD_CACHE")}
+    proc = subprocess.run([sys.executable, __file__, "--pass-mb", str(megabytes)], env=env,
+                          capture_output=True, text=True, check=True)
+    speed["cached_pass_default"] = json.loads(proc.stdout.strip().splitlines()[-1])
     rows = aligned_rows(ds, aligner)
     reader, pad = RowReader(rows), StepCollator(aligner.teacher_start, aligner.student_start)
     speed["worker"] = rate(lambda: [pad(reader.__getitems__(list(range(i, min(i + 16, len(reader))))))
                                     for i in range(0, len(reader), 16)])
     return out
+
+
+def default_pass(megabytes: float) -> float:
+    """MB/s of the cached tokenize-and-align pass as `ctd distill` runs it by default."""
+    import tempfile
+
+    import datasets
+
+    from ctd.collate import Aligner
+    from ctd.corpora import load_texts
+    from ctd.data import aligned_rows
+    from ctd.zoo import load_tokenizer
+
+    datasets.disable_progress_bars()
+    texts = load_texts("wiki-en", split="train", max_bytes=int(megabytes * 2**20))
+    mb = sum(len(t.encode()) for t in texts) / 2**20
+    aligner = Aligner(load_tokenizer("gemma3-270m"), load_tokenizer("smollm2-135m"), 512)
+    aligner.rows([{"text": t} for t in texts[:8]])
+    ds = datasets.Dataset.from_dict({"text": texts})
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["CTD_CACHE"] = cache
+        start = time.perf_counter()
+        aligned_rows(ds, aligner)
+        return round(mb / (time.perf_counter() - start), 2)
 
 
 def run_case(case: str, hidden: int) -> dict:
@@ -132,7 +164,11 @@ def main() -> None:
                         help="loss cases to time (ce_plain, teacher_forward and alm+clm are "
                              "needed for the targets)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--pass-mb", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.pass_mb:
+        print(json.dumps(default_pass(args.pass_mb)))
+        return
     if args.case:
         print(json.dumps(run_case(args.case, args.hidden)))
         return
@@ -152,6 +188,7 @@ def main() -> None:
     report["targets"] = {
         "aligner_mb_per_s": report["aligner"]["mb_per_s"]["align"],
         "worker_mb_per_s": report["aligner"]["mb_per_s"]["worker"],
+        "tokenize_and_align_pass_mb_per_s": report["aligner"]["mb_per_s"]["cached_pass_default"],
     }
     if {"ce_plain", "teacher_forward", "alm+clm"} <= r.keys():
         baseline = r["teacher_forward"]["seconds"] + r["ce_plain"]["seconds"]
