@@ -57,7 +57,8 @@ class DataConfig:
         teacher_cache: where the teacher's token log-probs are cached for objectives that need
             only them (alm, clm): "auto" (under $CTD_CACHE), "off" (run the teacher live), or a
             directory (e.g. built on another machine with `ctd teacher-cache`).
-        num_workers: processes for the one-time tokenize-and-align pass and DataLoader workers.
+        num_workers: DataLoader worker processes (the one-time tokenize-and-align pass runs in
+            this process, the tokenizers on every core).
         seed: shuffling seed; the order is a function of (seed, epoch) only.
     """
 

@@ -172,10 +172,13 @@ ROW_FEATURES = datasets.Features(
 )
 
 
-def aligned_rows(ds: datasets.Dataset, aligner: Aligner, num_proc: int | None = None
-                 ) -> datasets.Dataset:
+def aligned_rows(ds: datasets.Dataset, aligner: Aligner) -> datasets.Dataset:
     """Every example tokenized on both sides, aligned and cut into windows
-    (`Aligner.rows`), cached on disk under $CTD_CACHE/data."""
+    (`Aligner.rows`), cached on disk under $CTD_CACHE/data.
+
+    One process, the Rust tokenizers on every core: worker processes would each receive the
+    two tokenizers pickled (~8 s before the first batch), and on two cores they lose to threads
+    below ~100 MB of text (docs/benchmarks.md)."""
     key = rows_key(ds, aligner)
     path = cache_dir() / "data" / f"aligned-{key}.arrow"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -189,20 +192,19 @@ def aligned_rows(ds: datasets.Dataset, aligner: Aligner, num_proc: int | None = 
         out = aligner.rows(examples, first_document=indices[0])
         return {k: [r[k] for r in out] for k in ROW_FEATURES}
 
-    with _tokenizer_threads(num_proc is None):
+    with _tokenizer_threads():
         return ds.map(rows, batched=True, batch_size=512, with_indices=True,
                       remove_columns=ds.column_names, features=ROW_FEATURES,
-                      cache_file_name=str(path), new_fingerprint=key, num_proc=num_proc,
+                      cache_file_name=str(path), new_fingerprint=key,
                       desc="tokenizing and aligning")
 
 
 @contextlib.contextmanager
-def _tokenizer_threads(on: bool):
-    """In one process, let the Rust tokenizers use every core for their batches (the CLI turns
-    that off elsewhere: DataLoader workers fork, and forked tokenizers must not)."""
+def _tokenizer_threads():
+    """Let the Rust tokenizers use every core for their batches (the CLI turns that off
+    elsewhere: DataLoader workers fork, and forked tokenizers must not)."""
     before = os.environ.get("TOKENIZERS_PARALLELISM")
-    if on:
-        os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
     try:
         yield
     finally:
@@ -250,7 +252,7 @@ class DistillData(pl.LightningDataModule):
         """Aligned rows of both splits (cached), with what was cut or skipped logged once."""
         out = {}
         for split, ds in self.corpora().items():
-            out[split] = aligned_rows(ds, self.aligner, self.config.num_workers or None)
+            out[split] = aligned_rows(ds, self.aligner)
             self.stats[split] = row_stats(out[split])
             _log_stats(split, self.stats[split])
         return out

@@ -92,6 +92,21 @@ def test_resume_is_exact(zoo_dir, tmp_path):
                                                                       second.steps)
 
 
+def test_dataloader_workers_train_what_one_process_trains(zoo_dir, tmp_path):
+    """`data.num_workers` forks DataLoader workers after the tokenize-and-align pass ran the
+    tokenizers' threads in this process: the same batches, so the same losses."""
+    steps = {}
+    for workers in (0, 1):
+        rec = Record()
+        cfg = distill_config(zoo_dir, max_steps=3)
+        cfg.data.num_workers = workers
+        distill(cfg, out=tmp_path / f"w{workers}", callbacks=(rec,))
+        steps[workers] = rec.steps
+    assert len(steps[1]) == 3
+    for a, b in zip(steps[0], steps[1], strict=True):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
+
+
 def test_resume_with_another_config_is_refused(zoo_dir, tmp_path):
     out = tmp_path / "run"
     distill(distill_config(zoo_dir, max_steps=1), out=out)
