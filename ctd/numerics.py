@@ -27,6 +27,10 @@ _SPEEDUP = 1.3  # bf16 must beat fp32 by this factor to be chosen (it costs prec
 # A screening-shaped GEMM ([n, D] @ [D, S]): small enough to time in well under a second even
 # where bf16 is emulated, large enough that kernels, not overheads, are timed.
 _SHAPE = (128, 256, 4096)
+# Environment variables that limit the instruction sets torch's kernels use (oneDNN, ATen's
+# own kernels, MKL): set to AVX2, they make an AVX-512 machine compute like an AVX2-only one.
+ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY",
+              "MKL_ENABLE_INSTRUCTIONS")
 
 
 @cache
@@ -54,7 +58,13 @@ def machine() -> dict[str, object]:
     return {"cpu_model": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "fast_dtype_cpu": str(fast_dtype("cpu")).removeprefix("torch.")}
+            "fast_dtype_cpu": str(fast_dtype("cpu")).removeprefix("torch."),
+            "isa_limits": isa_limits()}
+
+
+def isa_limits() -> dict[str, str]:
+    """The `ISA_LIMITS` set in this environment."""
+    return {k: os.environ[k] for k in ISA_LIMITS if k in os.environ}
 
 
 def _time_gemm(dtype: torch.dtype, reps: int = 3) -> float:
@@ -70,10 +80,8 @@ def _time_gemm(dtype: torch.dtype, reps: int = 3) -> float:
 
 
 def _cache_key() -> str:
-    limits = {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA",
-                                         "ATEN_CPU_CAPABILITY") if k in os.environ}
     return json.dumps([cpu_model(), torch.__version__, torch.backends.cpu.get_cpu_capability(),
-                       limits])
+                       isa_limits()])
 
 
 def _measured_cpu() -> dict[str, float]:

@@ -39,8 +39,14 @@ def test_choice_follows_the_measurement_and_is_cached(tmp_path):
 
 
 def test_a_cpu_without_a_bf16_path_gets_float32(tmp_path):
-    """Limiting oneDNN and ATen to AVX2 (as on an AMD EPYC host) makes bf16 an emulation."""
-    assert _ask(tmp_path, ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2") == "torch.float32"
+    """Limiting oneDNN, ATen and MKL to AVX2 (as on an AMD EPYC host) makes bf16 an emulation;
+    the limited machine is measured and cached apart from the same CPU unlimited."""
+    _ask(tmp_path)
+    avx2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+            "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    assert _ask(tmp_path, **avx2) == "torch.float32"
+    keys = json.loads((tmp_path / "numerics.json").read_text())
+    assert len(keys) == 2 and any("MKL_ENABLE_INSTRUCTIONS" in k for k in keys)
 
 
 def test_override_and_bad_override(tmp_path, monkeypatch):
