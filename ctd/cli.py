@@ -417,6 +417,7 @@ def _one_line(message: str, verb: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `ctd` console script: user errors become one line and exit status 2."""
+    import torch
     from jsonargparse import ArgumentError, auto_cli
     from transformers.utils import logging as hf_logging
 
@@ -426,6 +427,9 @@ def main(argv: list[str] | None = None) -> None:
     # what it runs on in its own progress lines
     logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
     hf_logging.disable_progress_bar()  # per-file "Loading weights" bars; ctd shows its own
+    if torch.version.cuda is None:  # a CPU build of torch: DeepSpeed (imported by accelerate
+        # whenever a model is saved) would warn on every run that it found no GPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     args = _normalised(sys.argv[1:] if argv is None else argv)
     try:
         auto_cli(VERBS, args=args, as_positional=False, exit_on_error=False)

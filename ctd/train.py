@@ -239,12 +239,16 @@ class StopOnSignal(pl.Callback):
             self.interrupted = trainer.should_stop = True
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.global_step % self.every and not self.interrupted:
+        # a ModelCheckpoint that has saved nothing yet saves last.ckpt itself when training
+        # ends (Lightning 2.6): writing the same step again (student and optimizer) is time lost
+        unsaved = any(isinstance(c, ModelCheckpoint) and c.save_last and not c.last_model_path
+                      for c in trainer.checkpoint_callbacks)
+        if trainer.global_step % self.every and not self.interrupted and not unsaved:
             self._save(trainer)
 
     def _save(self, trainer) -> None:
         if trainer.global_step % self.every:  # else ModelCheckpoint has just saved this step
-            trainer.save_checkpoint(self.last)
+            trainer.save_checkpoint(self.last, weights_only=False)
 
 
 def check_tokenizer_fits(model, tokenizer, role: str) -> None:
@@ -303,8 +307,10 @@ def _check_out(out: Path, config: dict, resume: bool) -> None:
 # (StepSampler.resume_at), and throughput is reported in items/s without a FLOP estimate.
 warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 warnings.filterwarnings("ignore", message=".*`flops_per_batch` attribute.*")
-# Lightning 2.6's own use of a torch pytree API that torch now deprecates: nothing a user can act on.
+# Libraries calling APIs their dependencies deprecate (Lightning 2.6 a torch pytree check, peft a
+# transformers checkpointing flag): nothing a user can act on.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+warnings.filterwarnings("ignore", message=r".*`is_gradient_checkpointing` is deprecated.*")
 
 
 def _cache(config: DistillConfig, tokenizer, load: Callable, splits: tuple[str, ...],

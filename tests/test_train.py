@@ -18,7 +18,7 @@ from ctd.errors import CtdError
 from ctd.losses.logprobs import hidden_states, output_head
 from ctd.losses.objective import DistillObjective, LossSpec
 from ctd.report import run_curves
-from ctd.train import distill
+from ctd.train import AtomicCheckpointIO, distill
 from tests.tiny import distill_config
 
 
@@ -105,6 +105,19 @@ def test_dataloader_workers_train_what_one_process_trains(zoo_dir, tmp_path):
     assert len(steps[1]) == 3
     for a, b in zip(steps[0], steps[1], strict=True):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("steps,every,writes", [(2, 100, 1), (3, 2, 2), (4, 2, 2)])
+def test_each_checkpoint_is_written_once(zoo_dir, tmp_path, monkeypatch, steps, every, writes):
+    """last.ckpt is written every `checkpoint_every` steps and once at the end, never twice for
+    one step (a checkpoint holds the student and its optimizer: seconds per write)."""
+    saved = []
+    write = AtomicCheckpointIO.save_checkpoint
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", lambda self, ckpt, path, *a, **k: (
+        saved.append(ckpt["global_step"]), write(self, ckpt, path, *a, **k)))
+    distill(distill_config(zoo_dir, max_steps=steps, checkpoint_every=every), out=tmp_path / "r")
+    assert len(saved) == writes and len(set(saved)) == writes and saved[-1] == steps, saved
+    assert (tmp_path / "r" / "checkpoints" / "last.ckpt").exists()
 
 
 def test_resume_with_another_config_is_refused(zoo_dir, tmp_path):

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -227,3 +230,16 @@ def test_transplant_rows_stay_in_scale_when_donor_atoms_are_nearly_collinear(gem
     assert report["sides"]["input"]["ridge"] > 0
     new_rows = model.get_input_embeddings().weight[torch.as_tensor(match.new_ids)]
     assert new_rows.norm(dim=1).max() < shared_norm
+
+
+def test_cli_says_only_what_ctd_says(zoo_dir, tmp_path):
+    """A transplant from the console script prints no library's warnings or INFO lines (e.g.
+    DeepSpeed's "no GPU found", imported by accelerate whenever a model is saved)."""
+    ctd = Path(sys.executable).with_name("ctd")
+    out = subprocess.run([str(ctd), "transplant", "--base", str(zoo_dir / "teacher"),
+                          "--tokenizer", str(zoo_dir / "student"), "--method", "fvt",
+                          "--out", str(tmp_path / "moved")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    noise = [line for line in (out.stdout + out.stderr).splitlines()
+             if "WARNING" in line or "INFO" in line or "Warning" in line]
+    assert noise == []

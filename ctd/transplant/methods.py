@@ -89,7 +89,9 @@ class Inputs:
 
 
 def _sparse(rows: Tensor, cols: Tensor, vals: Tensor, n: int, vb: int) -> Tensor:
-    return torch.sparse_coo_tensor(torch.stack([rows, cols]), vals.float(), (n, vb)).coalesce()
+    # the indices are in range by construction: no invariant check (and no torch warning)
+    return torch.sparse_coo_tensor(torch.stack([rows, cols]), vals.float(), (n, vb),
+                                   check_invariants=False).coalesce()
 
 
 def _dense_weights(idx: Tensor, w: Tensor, vb: int) -> Tensor:
