@@ -316,11 +316,33 @@ def _load_gguf_tokenizer(gguf: Path):
         ) from e
 
 
+@contextmanager
+def _gguf_read_once() -> Iterator[None]:
+    """Within one conversion, parse each GGUF once: transformers reads the whole file anew for
+    the tokenizer, the config and the weights, and a parse of Gemma-3's 262k-token vocabulary
+    takes 7.8 s (23 of the conversion's 39 s)."""
+    import gguf
+
+    reader, parsed = gguf.GGUFReader, {}
+
+    def read_once(path, *args, **kwargs):
+        key = (os.fspath(path), args, tuple(sorted(kwargs.items())))
+        if key not in parsed:
+            parsed[key] = reader(path, *args, **kwargs)
+        return parsed[key]
+
+    gguf.GGUFReader = read_once  # transformers imports it from gguf at each load
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = reader
+
+
 def _convert_gguf(gguf_of: Callable[[Path], Path], dest: Path, with_model: bool) -> Path:
     """De-quantize a GGUF into an HF directory at `dest` (tokenizer only unless `with_model`)."""
     from transformers import AutoModelForCausalLM
 
-    with atomic_dir(dest, overwrite=True) as tmp:
+    with atomic_dir(dest, overwrite=True) as tmp, _gguf_read_once():
         work = tmp / ".gguf"
         work.mkdir()
         gguf = gguf_of(work)

@@ -90,3 +90,45 @@ def distill_config(root, **train):
         train=TrainConfig(**{"max_steps": 4, "val_every": 0, "checkpoint_every": 100,
                              "progress": False, "precision": "32-true", **train}),
     )
+
+
+def tiny_gguf(path, vocab_gguf, hidden: int = 16, seed: int = 0) -> dict:
+    """A one-layer Llama GGUF with fp32 tensors over the vocabulary of `vocab_gguf` (a
+    vocabulary-only GGUF); returns the tensors written, by GGUF name."""
+    import gguf
+    import numpy as np
+
+    src = gguf.GGUFReader(vocab_gguf)
+    tokens = src.fields["tokenizer.ggml.tokens"].contents()
+    rng = np.random.default_rng(seed)
+    shapes = {"token_embd.weight": (len(tokens), hidden), "output_norm.weight": (hidden,),
+              "blk.0.attn_norm.weight": (hidden,), "blk.0.ffn_norm.weight": (hidden,),
+              **{f"blk.0.{n}.weight": (hidden, hidden) for n in ("attn_q", "attn_k", "attn_v",
+                                                                 "attn_output")},
+              "blk.0.ffn_gate.weight": (2 * hidden, hidden), "blk.0.ffn_up.weight": (2 * hidden, hidden),
+              "blk.0.ffn_down.weight": (hidden, 2 * hidden)}
+    tensors = {n: rng.standard_normal(s).astype(np.float32) * 0.1 for n, s in shapes.items()}
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_context_length(64)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(2 * hidden)
+    w.add_head_count(2)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(hidden // 2)
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(src.fields["tokenizer.ggml.scores"].contents())
+    w.add_token_types(src.fields["tokenizer.ggml.token_type"].contents())
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    for name, array in tensors.items():
+        w.add_tensor(name, array)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return tensors
