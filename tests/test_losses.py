@@ -116,6 +116,22 @@ def test_chunked_logprobs_equal_unchunked():
     assert torch.autograd.gradcheck(lambda z: _LogitStats.apply(z, target, words), (logits,))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_logprobs_without_gradients_equal_those_with(dtype):
+    """Inference (teacher cache, live teacher, evaluation) writes each chunk's logits into one
+    reused buffer: the same numbers to the bit as the autograd path, chunks of any size
+    (the last one shorter) included."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 301, bias=False).to(dtype)
+    hidden, ids = torch.randn(3, 23, 16, dtype=dtype), torch.randint(0, 301, (3, 23))
+    words = torch.rand(301) < 0.4
+    for chunk in (1, 8, 1000):
+        want = token_logprobs(hidden.requires_grad_(), head, ids, words, chunk=chunk)
+        with torch.inference_mode():
+            got = token_logprobs(hidden.detach(), head, ids, words, chunk=chunk)
+        assert all(torch.equal(a.detach(), b) for a, b in zip(want, got, strict=True))
+
+
 def test_uld_matches_direct_implementation():
     torch.manual_seed(0)
     th, sh = torch.randn(2, 6, 4), torch.randn(2, 5, 3, requires_grad=True)

@@ -79,6 +79,22 @@ def _fit(mask: Tensor, size: int) -> Tensor:
     return F.pad(mask, (0, size - mask.numel())) if mask.numel() < size else mask[:size]
 
 
+def _logit_stats(shifted: Tensor, target: Tensor, words: Tensor | None
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """`_LogitStats`' forward from `shifted` = logits minus their row maxima (at least fp32),
+    which becomes the exponentials: (stats [n, 1 or 2], exponentials, sums, word mask as floats)."""
+    picked = shifted.gather(1, target).squeeze(1)
+    e = shifted.exp_()
+    words = words.to(e.dtype) if words is not None else None
+    # [n, 1 or 2]: total mass, word-start mass (two mat-vecs: 3x faster than one [V, 2] GEMM)
+    sums = torch.stack([e.sum(-1)] + ([e @ words] if words is not None else []), 1)
+    log_total = sums[:, 0].log()
+    out = [picked - log_total]
+    if words is not None:
+        out.append(sums[:, 1].clamp_min(torch.finfo(e.dtype).tiny).log() - log_total)
+    return torch.stack(out, 1), e, sums, words
+
+
 class _LogitStats(torch.autograd.Function):
     """logits [n, V] -> [n, 1 or 2]: the target's log-prob, and the log-mass of word-start tokens.
 
@@ -90,17 +106,9 @@ class _LogitStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor, words: Tensor | None) -> Tensor:
-        top = logits.amax(-1, keepdim=True)
-        e = (logits - top).exp_()
-        words = words.to(e.dtype) if words is not None else None
-        # [n, 1 or 2]: total mass, word-start mass (two mat-vecs: 3x faster than one [V, 2] GEMM)
-        sums = torch.stack([e.sum(-1)] + ([e @ words] if words is not None else []), 1)
-        log_total = sums[:, 0].log()
-        out = [logits.gather(1, target).squeeze(1) - top.squeeze(1) - log_total]
-        if words is not None:
-            out.append(sums[:, 1].clamp_min(torch.finfo(e.dtype).tiny).log() - log_total)
+        out, e, sums, words = _logit_stats(logits - logits.amax(-1, keepdim=True), target, words)
         ctx.save_for_backward(e, target, sums, words)
-        return torch.stack(out, 1)
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -135,11 +143,22 @@ def token_logprobs(
     b, t, h = hidden.shape
     nxt = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1).reshape(-1, 1)
     mask = word_mask.to(hidden.device) if word_mask is not None else None
+    buffer: Tensor | None = None  # without gradients: one for every chunk's exponentials
 
     def rows(hs: Tensor, target: Tensor) -> Tensor:
-        logits = upcast(head(hs))
+        nonlocal buffer
+        logits = head(hs)
         words = _fit(mask, logits.shape[-1]) if mask is not None else None
-        return _LogitStats.apply(logits, target, words)
+        if torch.is_grad_enabled():
+            return _LogitStats.apply(upcast(logits), target, words)
+        # inference (teacher cache, live teacher, evaluation): the fp32 logits go into one buffer
+        # reused by every chunk, not a fresh [chunk, V] tensor (mapped anew, page by page, each
+        # time): these passes become 3-4x faster
+        n, v = logits.shape
+        if buffer is None or buffer.shape[1] != v or len(buffer) < n:
+            buffer = logits.new_empty(n, v, dtype=torch.promote_types(logits.dtype, torch.float32))
+        shifted = buffer[:n].copy_(logits)
+        return _logit_stats(shifted.sub_(shifted.amax(-1, keepdim=True)), target, words)[0]
 
     stats = map_rows(rows, hidden.reshape(-1, h), nxt, chunk=chunk, recompute=recompute)
     stats = stats.view(b, t, -1)
