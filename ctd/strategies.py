@@ -50,16 +50,27 @@ def zero_stage(strategy: Strategy) -> int | None:
     return None
 
 
-def optimizer_class(strategy: Strategy) -> type[torch.optim.Optimizer]:
-    """AdamW; DeepSpeed's CPU Adam when DeepSpeed offloads the optimizer (it must, there).
-    Never DeepSpeedCPUAdam without DeepSpeed: Lightning's wrapper frees its C++ state."""
+def make_optimizer(strategy: Strategy, groups: list[dict], lr: float,
+                   betas: tuple[float, float]) -> torch.optim.Optimizer:
+    """AdamW, fused into one kernel per step where the parameters' device has one (CPU, CUDA:
+    on the CPU 0.07 s against 0.27-0.6 s per step for 117M parameters, a fifth of a demo
+    training step); DeepSpeed's CPU Adam when DeepSpeed offloads the optimizer (it must,
+    there), DeepSpeed's choice of kernels otherwise. Never DeepSpeedCPUAdam without DeepSpeed:
+    Lightning's wrapper frees its C++ state."""
     if isinstance(strategy, DeepSpeedStrategy):
         offload = strategy.config.get("zero_optimization", {}).get("offload_optimizer") or {}
         if offload.get("device", "none") != "none":
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            return DeepSpeedCPUAdam
-    return torch.optim.AdamW
+            return DeepSpeedCPUAdam(groups, lr=lr, betas=betas)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    devices = {p.device.type for g in groups for p in g["params"]}
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=devices <= {"cpu", "cuda"})
+    # A fused step can also unscale fp16 gradients itself, and Lightning's mixed-precision
+    # plugin then refuses to clip them (even under bf16, where nothing is scaled). Declined:
+    # a GradScaler unscales first, as for any optimizer, and the step is the same fused one.
+    optimizer._step_supports_amp_scaling = False
+    return optimizer
 
 
 def loss_scale(trainer) -> float:

@@ -40,7 +40,7 @@ from ctd.losses.alm import chunk_logliks
 from ctd.losses.logprobs import hidden_states, output_head
 from ctd.losses.objective import DistillObjective
 from ctd.numerics import fast_dtype, resolve_dtype
-from ctd.strategies import loss_scale, make_strategy, optimizer_class, zero_stage
+from ctd.strategies import loss_scale, make_optimizer, make_strategy, zero_stage
 from ctd.teacher_cache import TeacherCache
 from ctd.zoo import load_model, model_tokenizer
 
@@ -158,7 +158,7 @@ class Distiller(pl.LightningModule):
         params = [p for p in self.student.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-        optimizer = optimizer_class(self.trainer.strategy)(groups, lr=o.lr, betas=o.betas)
+        optimizer = make_optimizer(self.trainer.strategy, groups, o.lr, o.betas)
         total = max(self.trainer.max_steps, 1)
 
         def factor(step: int) -> float:

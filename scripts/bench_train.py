@@ -76,8 +76,7 @@ def run_mode(mode: str, steps: int, batch_size: int, length: int, precision: str
         module.trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
                                     enable_checkpointing=False, enable_model_summary=False)
         module.log_dict = lambda *args, **kwargs: None  # no fit loop to log into
-        opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad],
-                                lr=1e-5, betas=(0.9, 0.95), weight_decay=0.01)
+        opt = module.configure_optimizers()["optimizer"]  # the trainer's own (fused AdamW)
 
         def step():
             with autocast:

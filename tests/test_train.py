@@ -120,6 +120,27 @@ def test_each_checkpoint_is_written_once(zoo_dir, tmp_path, monkeypatch, steps, 
     assert (tmp_path / "r" / "checkpoints" / "last.ckpt").exists()
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_fused_adamw_steps_and_gradients_are_clipped(zoo_dir, tmp_path, monkeypatch, precision):
+    """The optimizer is AdamW fused into one kernel, and Lightning still clips every step's
+    gradients before it (its mixed-precision plugin refuses to clip for an optimizer that says
+    it unscales gradients itself)."""
+    clipped, steps = [], []
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, max_norm, *a, **k: (clipped.append(max_norm),
+                                                           clip(params, max_norm, *a, **k))[1])
+
+    class Fused(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            steps.append(optimizer.defaults["fused"])
+
+    cfg = distill_config(zoo_dir, max_steps=2, precision=precision)
+    cfg.optim.grad_clip = 0.5
+    distill(cfg, out=tmp_path / "run", callbacks=(Fused(),))
+    assert steps == [True, True] and clipped == [0.5, 0.5]
+
+
 def test_resume_with_another_config_is_refused(zoo_dir, tmp_path):
     out = tmp_path / "run"
     distill(distill_config(zoo_dir, max_steps=1), out=out)
