@@ -53,10 +53,10 @@ def zero_stage(strategy: Strategy) -> int | None:
 def make_optimizer(strategy: Strategy, groups: list[dict], lr: float,
                    betas: tuple[float, float]) -> torch.optim.Optimizer:
     """AdamW, fused into one kernel per step where the parameters' device has one (CPU, CUDA:
-    on the CPU 0.07 s against 0.27-0.6 s per step for 117M parameters, a fifth of a demo
-    training step); DeepSpeed's CPU Adam when DeepSpeed offloads the optimizer (it must,
-    there), DeepSpeed's choice of kernels otherwise. Never DeepSpeedCPUAdam without DeepSpeed:
-    Lightning's wrapper frees its C++ state."""
+    on the CPU 0.07 s against 0.27-0.6 s per step for 117M parameters); DeepSpeed's CPU Adam
+    when DeepSpeed offloads the optimizer (it must, there), plain AdamW under DeepSpeed
+    otherwise. Never DeepSpeedCPUAdam without DeepSpeed: Lightning's wrapper frees its C++
+    state."""
     if isinstance(strategy, DeepSpeedStrategy):
         offload = strategy.config.get("zero_optimization", {}).get("offload_optimizer") or {}
         if offload.get("device", "none") != "none":
