@@ -99,7 +99,12 @@ def tiny_gguf(path, vocab_gguf, hidden: int = 16, seed: int = 0) -> dict:
     import numpy as np
 
     src = gguf.GGUFReader(vocab_gguf)
-    tokens = src.fields["tokenizer.ggml.tokens"].contents()
+
+    def array(key: str) -> list:  # parts/data: the reader API of every gguf ctd admits (>= 0.10)
+        field = src.fields[key]
+        return [field.parts[i].tolist() for i in field.data]
+
+    tokens = [bytes(t).decode() for t in array("tokenizer.ggml.tokens")]
     rng = np.random.default_rng(seed)
     shapes = {"token_embd.weight": (len(tokens), hidden), "output_norm.weight": (hidden,),
               "blk.0.attn_norm.weight": (hidden,), "blk.0.ffn_norm.weight": (hidden,),
@@ -120,8 +125,8 @@ def tiny_gguf(path, vocab_gguf, hidden: int = 16, seed: int = 0) -> dict:
     w.add_vocab_size(len(tokens))
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
-    w.add_token_scores(src.fields["tokenizer.ggml.scores"].contents())
-    w.add_token_types(src.fields["tokenizer.ggml.token_type"].contents())
+    w.add_token_scores([v[0] for v in array("tokenizer.ggml.scores")])
+    w.add_token_types([v[0] for v in array("tokenizer.ggml.token_type")])
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
