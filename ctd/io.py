@@ -1,4 +1,5 @@
-"""Outputs that survive crashes: atomic writes, one lock per run directory, config checks.
+"""Where ctd keeps its cache, and outputs that survive crashes: atomic writes, one lock per run
+directory, config checks.
 
 Outputs appear complete under their final name or not at all (a temporary sibling renamed at
 the end), with the modes the user's umask gives any new file; a full disk is one clear error
@@ -23,6 +24,11 @@ from pathlib import Path
 from ctd.errors import CtdError
 
 log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    """Root of ctd's cache; `$CTD_CACHE` overrides `~/.cache/ctd`."""
+    return Path(os.environ.get("CTD_CACHE", Path.home() / ".cache" / "ctd")).expanduser()
 
 
 @cache

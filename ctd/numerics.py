@@ -86,8 +86,7 @@ def _cache_key() -> str:
 
 def _measured_cpu() -> dict[str, float]:
     """fp32 and bf16 GEMM seconds on this CPU, measured once and cached on disk."""
-    from ctd.io import write_json
-    from ctd.zoo import cache_dir
+    from ctd.io import cache_dir, write_json
 
     path = cache_dir() / "numerics.json"
     try:

@@ -28,7 +28,7 @@ import torch
 
 from ctd.data import content_key, fingerprint
 from ctd.errors import CtdError
-from ctd.io import atomic_dir, write_json
+from ctd.io import atomic_dir, cache_dir, write_json
 from ctd.losses.logprobs import (
     chunk_rows,
     hidden_states,
@@ -37,7 +37,7 @@ from ctd.losses.logprobs import (
     word_start_mask,
 )
 from ctd.report import progress
-from ctd.zoo import cache_dir, resolve_model
+from ctd.zoo import resolve_model
 
 META = "ctd-teacher-cache.json"
 _FEATURE = datasets.Sequence(datasets.Value("float32"))

