@@ -209,11 +209,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class StopOnSignal(pl.Callback):
     """On SIGINT/SIGTERM: finish the optimizer step under way, save last.ckpt, stop. (Lightning
     stops on SIGTERM after any micro-batch, mid-accumulation, and treats SIGINT as a crash.)
-    Also saves last.ckpt when training ends between two of ModelCheckpoint's saves."""
+    Also saves last.ckpt when training ends between two of ModelCheckpoint's saves.
+
+    Each step is written once: a checkpoint holds the student and its optimizer (seconds per
+    write). A ModelCheckpoint that has saved nothing in this run saves last.ckpt itself when
+    training ends (Lightning 2.6), so then this callback leaves the last save to it."""
 
     def __init__(self, last: Path, every: int):
         self.last, self.every = Path(last), every
         self.requested = self.interrupted = False
+        self.saved_step = -1  # the step last.ckpt holds
+        self.lightning_saved = self._saving = False  # ModelCheckpoint saved in this run
         self._previous: dict = {}
 
     def _on_signal(self, signum, frame) -> None:
@@ -226,31 +232,37 @@ class StopOnSignal(pl.Callback):
             except ValueError:  # not the main thread
                 pass
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.saved_step = trainer.global_step  # a resumed run starts from a saved step
+
     def on_fit_end(self, trainer, pl_module) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
 
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self.saved_step = trainer.global_step
+        self.lightning_saved |= not self._saving
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # mid-accumulation: the step is not done
         if trainer.strategy.reduce_boolean_decision(self.requested, all=False):
-            # saved here, mid-epoch: a checkpoint written after the loop ends marks the epoch
-            # done, and a resumed run would start the next one (another data order)
             self._save(trainer)
             self.interrupted = trainer.should_stop = True
 
     def on_train_end(self, trainer, pl_module) -> None:
-        # a ModelCheckpoint that has saved nothing yet saves last.ckpt itself when training
-        # ends (Lightning 2.6): writing the same step again (student and optimizer) is time lost
-        unsaved = any(isinstance(c, ModelCheckpoint) and c.save_last and not c.last_model_path
-                      for c in trainer.checkpoint_callbacks)
-        if trainer.global_step % self.every and not self.interrupted and not unsaved:
-            self._save(trainer)
+        self._save(trainer)
 
     def _save(self, trainer) -> None:
-        if trainer.global_step % self.every:  # else ModelCheckpoint has just saved this step
-            trainer.save_checkpoint(self.last, weights_only=False)
+        leaves_it = not self.lightning_saved and any(
+            isinstance(c, ModelCheckpoint) and c.save_last for c in trainer.checkpoint_callbacks)
+        if trainer.global_step != self.saved_step and not leaves_it:
+            self._saving = True
+            try:
+                trainer.save_checkpoint(self.last, weights_only=False)
+            finally:
+                self._saving = False
 
 
 def check_tokenizer_fits(model, tokenizer, role: str) -> None:

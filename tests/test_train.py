@@ -120,6 +120,21 @@ def test_each_checkpoint_is_written_once(zoo_dir, tmp_path, monkeypatch, steps, 
     assert (tmp_path / "r" / "checkpoints" / "last.ckpt").exists()
 
 
+def test_a_resumed_run_writes_its_last_checkpoint_once(zoo_dir, tmp_path, monkeypatch):
+    """Resumed after an interrupt at step 2, a run ending at step 4 before its next periodic
+    save writes last.ckpt once (Lightning restores where the last one is, not that this run has
+    saved nothing yet)."""
+    saved = []
+    write = AtomicCheckpointIO.save_checkpoint
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", lambda self, ckpt, path, *a, **k: (
+        saved.append(ckpt["global_step"]), write(self, ckpt, path, *a, **k)))
+    cfg = distill_config(zoo_dir, max_steps=4, checkpoint_every=100)
+    distill(cfg, out=tmp_path / "r", callbacks=(Record(interrupt_at=2),))
+    assert saved == [2]
+    distill(cfg, out=tmp_path / "r", resume=True)
+    assert saved == [2, 4]
+
+
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_fused_adamw_steps_and_gradients_are_clipped(zoo_dir, tmp_path, monkeypatch, precision):
     """The optimizer is AdamW fused into one kernel, and Lightning still clips every step's
