@@ -3,6 +3,8 @@ and the global normalisation that makes accumulation equal one big batch."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -118,17 +120,19 @@ def test_chunked_logprobs_equal_unchunked():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_logprobs_without_gradients_equal_those_with(dtype):
-    """Inference (teacher cache, live teacher, evaluation) writes each chunk's logits into one
-    reused buffer: the same numbers to the bit as the autograd path, chunks of any size
-    (the last one shorter) included."""
+    """Inference (teacher cache, live teacher, evaluation) writes each chunk's logits and
+    exponentials into reused buffers: the same numbers to the bit as the autograd path, chunks
+    of any size (the last one shorter) included, for a plain linear head (its GEMM into the
+    buffer) and any other (Gemma-2's soft-capping)."""
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 301, bias=False).to(dtype)
+    capped = lambda h: torch.tanh(head(h) / 5.0) * 5.0  # noqa: E731
     hidden, ids = torch.randn(3, 23, 16, dtype=dtype), torch.randint(0, 301, (3, 23))
     words = torch.rand(301) < 0.4
-    for chunk in (1, 8, 1000):
-        want = token_logprobs(hidden.requires_grad_(), head, ids, words, chunk=chunk)
+    for fn, chunk in itertools.product((head, capped), (1, 8, 1000)):
+        want = token_logprobs(hidden.requires_grad_(), fn, ids, words, chunk=chunk)
         with torch.inference_mode():
-            got = token_logprobs(hidden.detach(), head, ids, words, chunk=chunk)
+            got = token_logprobs(hidden.detach(), fn, ids, words, chunk=chunk)
         assert all(torch.equal(a.detach(), b) for a, b in zip(want, got, strict=True))
 
 
