@@ -215,8 +215,8 @@ class StopOnSignal(pl.Callback):
     write). A ModelCheckpoint that has saved nothing in this run saves last.ckpt itself when
     training ends (Lightning 2.6), so then this callback leaves the last save to it."""
 
-    def __init__(self, last: Path, every: int):
-        self.last, self.every = Path(last), every
+    def __init__(self, last: Path):
+        self.last = Path(last)
         self.requested = self.interrupted = False
         self.saved_step = -1  # the step last.ckpt holds
         self.lightning_saved = self._saving = False  # ModelCheckpoint saved in this run
@@ -401,7 +401,7 @@ def distill(config: DistillConfig, out: Path, resume: bool = False,
                 write_json(out / "config.json", saved)
             write_json(out / "data_stats.json", dm.stats)
         last = out / "checkpoints" / "last.ckpt"
-        stop = StopOnSignal(last, max(train.checkpoint_every, 1))
+        stop = StopOnSignal(last)
         strategy = strategy or make_strategy(train.strategy, train.deepspeed_config)
         trainer = pl.Trainer(
             max_steps=train.max_steps, accumulate_grad_batches=train.accumulate,

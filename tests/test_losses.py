@@ -136,6 +136,24 @@ def test_logprobs_without_gradients_equal_those_with(dtype):
         assert all(torch.equal(a.detach(), b) for a, b in zip(want, got, strict=True))
 
 
+@pytest.mark.parametrize("case", ["autocast", "hook"])
+def test_inference_logprobs_call_a_head_that_is_not_a_bare_gemm(case):
+    """Under autocast the head's GEMM runs in autocast's precision, and a head's hooks (how
+    DeepSpeed ZeRO-3 gathers a partitioned weight) run: inference must call the head then,
+    and give what the autograd path gives."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 301, bias=False)
+    if case == "hook":
+        head.register_forward_hook(lambda module, args, out: out * 2.0)
+    hidden, ids = torch.randn(3, 23, 16), torch.randint(0, 301, (3, 23))
+    words = torch.rand(301) < 0.4
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+        want = token_logprobs(hidden.requires_grad_(), head, ids, words, chunk=8)
+        with torch.inference_mode():
+            got = token_logprobs(hidden.detach(), head, ids, words, chunk=8)
+    assert all(torch.equal(a.detach(), b) for a, b in zip(want, got, strict=True))
+
+
 def test_uld_matches_direct_implementation():
     torch.manual_seed(0)
     th, sh = torch.randn(2, 6, 4), torch.randn(2, 5, 3, requires_grad=True)

@@ -126,10 +126,17 @@ class _LogitStats(torch.autograd.Function):
 
 def _head_into(head: Callable[[Tensor], Tensor], hs: Tensor,
                reused: Callable[[int, int, torch.dtype], Tensor]) -> Tensor:
-    """head(hs), written into a reused buffer when the head is a plain linear map (the GEMM
-    itself, bit for bit; any other head allocates its output)."""
-    if (isinstance(head, torch.nn.Linear) and head.bias is None
-            and head.weight.dtype == hs.dtype and hs.dim() == 2):
+    """head(hs), written into a reused buffer when calling the head would run exactly one GEMM
+    of hs with its whole weight (bit for bit the same); otherwise the head is called. Called
+    means: soft-capping, a bias, autocast (the GEMM's precision is autocast's), hooks or a
+    replaced forward (DeepSpeed ZeRO-3 gathers a partitioned weight in a hook, accelerate
+    offloads through a forward of its own)."""
+    plain = (type(head) is torch.nn.Linear and head.bias is None and "forward" not in vars(head)
+             and not head._forward_hooks and not head._forward_pre_hooks
+             and head.weight.shape == (head.out_features, head.in_features)
+             and head.weight.dtype == hs.dtype and hs.dim() == 2
+             and not torch.is_autocast_enabled(hs.device.type))
+    if plain:
         return torch.mm(hs, head.weight.t(), out=reused(len(hs), head.out_features, hs.dtype))
     return head(hs)
 
